@@ -1,0 +1,1 @@
+"""disttrain: a distributed training template whose gradient accumulation is exact."""

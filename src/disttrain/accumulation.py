@@ -1,0 +1,148 @@
+"""The accumulation core: one optimizer step from a window of micro-batches, exact on any world size.
+
+The update must equal what one device computes on the whole global batch:
+
+    grad = d/dθ [ Σ_items loss_item ] / N_global            for each loss term
+
+so each micro-batch's summed loss is multiplied by `world_size / N_global` before backward. The
+world size cancels the mean that DDP takes over processes; N_global is counted over the whole
+window on all processes with one all-reduce before the first forward. Nothing here divides by the
+configured accumulation count, which is wrong for a shorter last window and for uneven token counts.
+
+Gradient sync is disabled (forward included) for every micro-batch but the last, and for every loss
+term of the last micro-batch but its last, so the gradients cross the network once per window.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+ItemCounts = Callable[[Any], dict[str, Any]]
+LossStream = Callable[[dict[str, nn.Module], Any], Iterator[tuple[str, torch.Tensor]]]
+
+
+@dataclass
+class MicroBatch:
+    batch: Any
+    stand_in: bool = False  # runs forward/backward for the collective's sake, contributes nothing
+
+
+@dataclass
+class WindowResult:
+    loss_sums: torch.Tensor  # this process's summed loss per term (float64, detached)
+    counts: torch.Tensor  # items per term over the window on all processes (float64)
+
+
+@dataclass
+class OptimizerGroup:
+    """One optimizer with its schedule and clip threshold; `name` labels its logs."""
+
+    name: str
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    clip_grad_norm: float = 0.0  # 0: report the norm, do not clip
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+
+@dataclass
+class UpdateResult:
+    grad_norms: dict[str, torch.Tensor]
+    skipped: bool  # fp16 overflow: no optimizer stepped, the loss scale was lowered
+
+
+def sync_context(accelerator: Accelerator, models: Sequence[nn.Module], sync: bool) -> contextlib.ExitStack:
+    """Enter Accelerate's `no_sync` for every model unless this pass must synchronise."""
+    stack = contextlib.ExitStack()
+    if not sync:
+        for model in models:
+            stack.enter_context(accelerator.no_sync(model))
+    return stack
+
+
+def accumulate_window(
+    accelerator: Accelerator,
+    models: dict[str, nn.Module],
+    micro_batches: Sequence[MicroBatch],
+    terms: Sequence[str],
+    item_counts: ItemCounts,
+    losses: LossStream,
+) -> WindowResult:
+    """Forward and backward every micro-batch of one window, leaving the exact window gradient.
+
+    `item_counts(batch)` gives each loss term's item count without a forward (samples, or valid
+    tokens); `losses(models, batch)` yields `(term, summed loss)` in the order of `terms`, each
+    backpropagated at once so that its graph is freed before the next term is computed.
+    """
+    device = accelerator.device
+    local_counts = torch.zeros(len(terms), dtype=torch.float64, device=device)
+    for mb in micro_batches:
+        if not mb.stand_in:
+            counts = item_counts(mb.batch)
+            local_counts += torch.stack([torch.as_tensor(counts[t], device=device).double() for t in terms])
+    global_counts = accelerator.reduce(local_counts, reduction="sum")
+    scales = accelerator.num_processes / global_counts.clamp(min=1.0)
+
+    loss_sums = torch.zeros_like(local_counts)
+    synced_models = list(models.values())
+    last_micro, last_term = len(micro_batches) - 1, len(terms) - 1
+    for i, mb in enumerate(micro_batches):
+        weights = scales * 0.0 if mb.stand_in else scales
+        stream = losses(models, mb.batch)
+        for j, term in enumerate(terms):
+            with sync_context(accelerator, synced_models, sync=(i == last_micro and j == last_term)):
+                name, loss = next(stream)
+                if name != term:
+                    raise RuntimeError(f"the recipe yielded loss '{name}' where '{term}' was expected (order: {terms})")
+                accelerator.backward(loss * weights[j].to(loss.dtype))
+            loss_sums[j] += 0.0 if mb.stand_in else loss.detach().double()
+        if next(stream, None) is not None:
+            raise RuntimeError(f"the recipe yielded more losses than its terms {tuple(terms)}")
+    return WindowResult(loss_sums=loss_sums, counts=global_counts)
+
+
+def apply_update(
+    accelerator: Accelerator, groups: Sequence[OptimizerGroup], models: Sequence[nn.Module]
+) -> UpdateResult:
+    """At the boundary: unscale once (fp16), clip each group, step every optimizer and schedule, zero."""
+    scaler = accelerator.scaler
+    if scaler is not None:
+        for g in groups:
+            scaler.unscale_(_unwrap_optimizer(g.optimizer))
+    norms = {
+        g.name: nn.utils.clip_grad_norm_(g.params, g.clip_grad_norm if g.clip_grad_norm > 0 else math.inf)
+        for g in groups
+    }
+    skipped = False
+    if scaler is not None:
+        # One decision for all optimizers: torch's scaler decides per optimizer, which would move
+        # one model of a pair and not the other. Accelerate's optimizer wrapper also calls
+        # scaler.update() after each optimizer, which unscales the next one a second time.
+        skipped = not all(bool(torch.isfinite(n)) for n in norms.values())
+        if not skipped:
+            for g in groups:
+                scaler.step(_unwrap_optimizer(g.optimizer))
+        scaler.update()
+    else:
+        for g in groups:
+            g.optimizer.step()
+    if not skipped:
+        for g in groups:
+            g.scheduler.step()
+    for model in models:
+        model.zero_grad(set_to_none=True)
+    return UpdateResult(grad_norms=norms, skipped=skipped)
+
+
+def _unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    return getattr(optimizer, "optimizer", optimizer)  # AcceleratedOptimizer keeps the torch one here

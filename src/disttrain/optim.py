@@ -1,0 +1,45 @@
+"""Optimizers and learning-rate schedules from an OptimizerConfig."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from disttrain.accumulation import OptimizerGroup
+from disttrain.config import OptimizerConfig
+
+
+def schedule_factor(step: int, total_steps: int, o: OptimizerConfig) -> float:
+    """Multiplier of the peak learning rate after `step` optimizer steps."""
+    if step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    if o.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - o.warmup_steps) / max(1, total_steps - o.warmup_steps))
+    shape = 1.0 - progress if o.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return o.min_lr_ratio + (1.0 - o.min_lr_ratio) * shape
+
+
+def build_group(
+    name: str, params: Iterable[nn.Parameter], o: OptimizerConfig, total_steps: int, lr_multiplier: float = 1.0
+) -> OptimizerGroup:
+    """An optimizer over `params` with its schedule; weight decay spares biases and norm weights."""
+    params = [p for p in params if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    param_groups = [
+        {"params": decay, "weight_decay": o.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    lr = o.lr * lr_multiplier
+    if o.name == "adamw":
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(
+            param_groups, lr=lr, betas=(o.beta1, o.beta2), foreach=True
+        )
+    else:
+        optimizer = torch.optim.SGD(param_groups, lr=lr, momentum=o.momentum, foreach=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule_factor(step, total_steps, o))
+    return OptimizerGroup(name, optimizer, scheduler, o.clip_grad_norm)

@@ -1,0 +1,60 @@
+"""What a recipe is: the models, optimizers, data and losses of a run.
+
+A recipe knows nothing of processes, `no_sync` or loss scaling. It returns *summed* per-item losses
+and says how many items each sums over; the accumulation core turns that into the exact update.
+Copy `classifier.py` (one model) or `seq2seq.py` (two optimizers, two losses) to start your own.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from disttrain.accumulation import OptimizerGroup
+
+
+class Recipe(ABC):
+    #: names of the loss terms, in the order `losses` yields them; each is averaged over its own items
+    terms: tuple[str, ...] = ("loss",)
+    #: set when the last loss term does not reach every parameter (DDP must then look for unused ones)
+    find_unused_parameters: bool = False
+
+    def __init__(self, models: dict[str, nn.Module], groups: list[OptimizerGroup]):
+        self.models = models
+        self.groups = groups
+
+    @property
+    @abstractmethod
+    def num_train(self) -> int:
+        """Number of training samples; the sampler draws indices below it."""
+
+    @abstractmethod
+    def train_batch(self, indices: list[int]) -> Any:
+        """Collate the training samples at `indices` into one micro-batch (on the CPU)."""
+
+    @abstractmethod
+    def item_counts(self, batch: Any) -> dict[str, Any]:
+        """Items each loss term sums over in `batch`, without a forward: samples, or valid tokens."""
+
+    @abstractmethod
+    def losses(self, models: dict[str, nn.Module], batch: Any) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield `(term, loss summed over the batch's items)` for each term, in `terms` order."""
+
+    @abstractmethod
+    def evaluate(self, models: dict[str, nn.Module], rank: int, world_size: int) -> dict[str, torch.Tensor]:
+        """Metric numerators and denominators over this process's share of the held-out data.
+
+        Returns `{name: tensor([sum, count])}`; the trainer sums them over processes and divides.
+        """
+
+    def items_per_sample(self) -> str:
+        """Name of the items of the first term, for throughput lines ('samples' or 'tokens')."""
+        return "samples"
+
+    def summary(self, metrics: dict[str, float]) -> str:
+        """One phrase on the recipe's quality for the final summary line."""
+        return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())

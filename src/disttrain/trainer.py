@@ -1,0 +1,198 @@
+"""The training loop: windows of micro-batches in, exact optimizer steps out. Reads top to bottom."""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+from accelerate.logging import get_logger
+from accelerate.utils import broadcast_object_list, send_to_device, set_seed
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from disttrain.accumulation import MicroBatch, UpdateResult, WindowResult, accumulate_window, apply_update
+from disttrain.config import Config, lr_multiplier, to_yaml
+from disttrain.data.windows import WindowSampler
+from disttrain.engine import build_accelerator, check_device_support, check_launcher_env
+from disttrain.recipes import build_recipe
+from disttrain.recipes.base import Recipe
+
+log = get_logger("disttrain")
+
+
+@dataclass
+class StepResult:
+    window: WindowResult
+    update: UpdateResult
+    samples: int  # global samples in this window (fewer in the last window of an epoch)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, recipe: Recipe | None = None):
+        """Build recipe, engine and run directory. A prepared `recipe` may be passed (tests do)."""
+        check_launcher_env(cfg)
+        check_device_support(cfg, cfg.world_size())
+        self.cfg = cfg
+        set_seed(cfg.seed)  # identical initialisation on every process
+        self.recipe = recipe or build_recipe(cfg)
+        self.accelerator = build_accelerator(cfg, self.recipe.find_unused_parameters)
+        acc = self.accelerator
+        self.rank, self.world_size = acc.process_index, acc.num_processes
+        self.accumulation = cfg.accumulation_steps(self.world_size)
+        self._warn_batchnorm()
+        if cfg.sync_batchnorm and self.world_size > 1:
+            self.recipe.models = {k: nn.SyncBatchNorm.convert_sync_batchnorm(m) for k, m in self.recipe.models.items()}
+        self.models = {name: acc.prepare_model(m) for name, m in self.recipe.models.items()}
+        for group in self.recipe.groups:
+            group.optimizer = acc.prepare_optimizer(group.optimizer)
+        self.groups = self.recipe.groups
+        self.sampler = WindowSampler(self.recipe.num_train, cfg.global_batch_size, cfg.micro_batch_size, cfg.seed)
+        self.run_dir = self._make_run_dir()
+        self.overflow_steps = 0
+
+    # ------------------------------------------------------------------ one optimizer step
+
+    def train_step(self, step: int) -> StepResult:
+        window = self.backward_window(step)
+        update = self.optimizer_step()
+        return StepResult(window, update, samples=len(self.sampler.global_batch(step)))
+
+    def backward_window(self, step: int) -> WindowResult:
+        """Forward and backward this process's micro-batches of `step`; gradients are then exact."""
+        device = self.accelerator.device
+        micro_batches = [
+            MicroBatch(send_to_device(self.recipe.train_batch(p.indices), device), p.stand_in)
+            for p in self.sampler.window(step, self.rank, self.world_size)
+        ]
+        return accumulate_window(
+            self.accelerator, self.models, micro_batches, self.recipe.terms, self.recipe.item_counts, self.recipe.losses
+        )
+
+    def optimizer_step(self) -> UpdateResult:
+        update = apply_update(self.accelerator, self.groups, list(self.models.values()))
+        self.overflow_steps += update.skipped
+        return update
+
+    # ------------------------------------------------------------------ the run
+
+    def fit(self) -> dict[str, float]:
+        cfg, acc = self.cfg, self.accelerator
+        self._announce()
+        progress = tqdm(total=cfg.steps, disable=not (acc.is_main_process and cfg.progress_bar), dynamic_ncols=True)
+        loss_sums = counts = None
+        samples_in_interval, interval_start, start = 0, time.perf_counter(), time.perf_counter()
+        report: dict[str, float] = {}
+        for step in range(cfg.steps):
+            result = self.train_step(step)
+            if loss_sums is None:
+                loss_sums, counts = result.window.loss_sums.clone(), result.window.counts.clone()
+            else:
+                loss_sums += result.window.loss_sums
+                counts += result.window.counts
+            samples_in_interval += result.samples
+            progress.update(1)
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                elapsed = time.perf_counter() - interval_start
+                report = self._loss_report(loss_sums, counts)
+                report["samples_per_s"] = samples_in_interval / elapsed
+                report.update({f"lr/{g.name}": g.scheduler.get_last_lr()[0] for g in self.groups})
+                report.update({f"grad_norm/{k}": float(v) for k, v in result.update.grad_norms.items()})
+                progress.set_postfix(loss=f"{report['loss']:.4f}", samples_s=f"{report['samples_per_s']:.0f}")
+                log.info(f"step {step + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in report.items()))
+                loss_sums = counts = None
+                samples_in_interval, interval_start = 0, time.perf_counter()
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 != cfg.steps:
+                log.info(f"step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in self.evaluate().items()))
+        progress.close()
+        train_time = time.perf_counter() - start
+        metrics = self.evaluate()
+        weights = self.save_weights() if cfg.save_weights else []
+        acc.print(
+            f"done: {cfg.steps} steps in {train_time:.1f}s ({cfg.steps / train_time:.2f} steps/s), "
+            f"final loss {report.get('loss', math.nan):.4f}, {self.recipe.summary(metrics)}"
+            + (f", {self.overflow_steps} steps skipped on fp16 overflow" if self.overflow_steps else "")
+            + (f"; weights in {', '.join(weights)}" if weights else f"; run directory {self.run_dir}")
+        )
+        return metrics
+
+    def _loss_report(self, loss_sums: torch.Tensor, counts: torch.Tensor) -> dict[str, float]:
+        """Each term's mean over all its items of the interval on all processes, and their sum."""
+        means = (self.accelerator.reduce(loss_sums, reduction="sum") / counts.clamp(min=1)).tolist()
+        report = {f"loss/{t}": m for t, m in zip(self.recipe.terms, means)} if len(means) > 1 else {}
+        return {"loss": sum(means), **report}
+
+    def evaluate(self) -> dict[str, float]:
+        """The recipe's metrics on held-out data, each process scoring its share."""
+        models = {k: self.accelerator.unwrap_model(m) for k, m in self.models.items()}
+        for m in models.values():
+            m.eval()
+        parts = self.recipe.evaluate(models, self.rank, self.world_size)
+        for m in models.values():
+            m.train()
+        totals = {k: self.accelerator.reduce(v, reduction="sum") for k, v in parts.items()}
+        return {k: float(v[0] / v[1]) for k, v in totals.items()}
+
+    def save_weights(self) -> list[str]:
+        """Full weights of each model as `<name>.safetensors`, written aside then renamed."""
+        self.accelerator.wait_for_everyone()
+        paths = []
+        for name, model in self.models.items():
+            path = os.path.join(self.run_dir, f"{name}.safetensors")
+            paths.append(path)
+            if self.accelerator.is_main_process:
+                state = {k: v.detach().cpu().contiguous() for k, v in self.accelerator.unwrap_model(model).state_dict().items()}
+                save_file(state, path + ".tmp")
+                os.replace(path + ".tmp", path)
+        self.accelerator.wait_for_everyone()
+        return paths
+
+    def close(self) -> None:
+        """Release the process group cleanly; gloo may abort at exit otherwise."""
+        self.accelerator.wait_for_everyone()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    # ------------------------------------------------------------------ set-up helpers
+
+    def _make_run_dir(self) -> str:
+        """One directory per run (never per process), named on the main process and shared."""
+        name = [self.cfg.run_name or f"{self.cfg.recipe}-{datetime.datetime.now():%Y%m%d-%H%M%S}"]
+        broadcast_object_list(name, from_process=0)
+        run_dir = os.path.join(self.cfg.output_dir, name[0])
+        if self.accelerator.is_main_process:
+            os.makedirs(run_dir, exist_ok=True)
+            with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+                f.write(to_yaml(self.cfg))
+        self.accelerator.wait_for_everyone()
+        return run_dir
+
+    def _announce(self) -> None:
+        cfg = self.cfg
+        scale = lr_multiplier(cfg)
+        lrs = ", ".join(f"{g.name} {g.scheduler.base_lrs[0]:.3g}" for g in self.groups)
+        scaling = f" ({cfg.lr_scaling} scaling x{scale:.3g} from reference batch {cfg.reference_batch_size})" if scale != 1 else ""
+        epochs = cfg.steps / self.sampler.steps_per_epoch
+        self.accelerator.print(
+            f"{cfg.recipe}: {self.world_size} process(es) x micro-batch {cfg.micro_batch_size} x accumulation "
+            f"{self.accumulation} = global batch {cfg.global_batch_size}; {cfg.steps} steps ({epochs:.2f} epochs); "
+            f"peak lr {lrs}{scaling}; run directory {self.run_dir}"
+        )
+
+    def _warn_batchnorm(self) -> None:
+        if self.accumulation == 1 and (self.world_size == 1 or self.cfg.sync_batchnorm):
+            return
+        for name, model in self.recipe.models.items():
+            if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+                warnings.warn(
+                    f"model '{name}' has BatchNorm: its statistics come from micro-batches of "
+                    f"{self.cfg.micro_batch_size} samples, not the global batch of {self.cfg.global_batch_size}, so "
+                    "the update differs from the whole-batch one. Consider sync_batchnorm=true (GPUs), a lower "
+                    "BatchNorm momentum, or GroupNorm/LayerNorm.",
+                    stacklevel=2,
+                )

@@ -1,0 +1,62 @@
+"""Tiny configurations shared by the multi-process tests."""
+
+from __future__ import annotations
+
+from disttrain.config import Config, load_config
+
+GLOBAL_BATCH = 48  # divisible by world size x accumulation for worlds 1, 2, 4 and accumulations 1, 3, 4
+
+# Epoch sizes that make the second window full, shorter, or shorter than the world size.
+WINDOWS = {"full": 3 * GLOBAL_BATCH, "short": GLOBAL_BATCH + 13, "tiny": GLOBAL_BATCH + 3}
+
+TINY_SEQ2SEQ = [
+    "seq2seq.vocab_size=6",
+    "seq2seq.min_len=1",
+    "seq2seq.max_len=7",
+    "seq2seq.num_eval=8",
+    "seq2seq.d_model=16",
+    "seq2seq.n_heads=2",
+    "seq2seq.encoder_layers=1",
+    "seq2seq.decoder_layers=1",
+    "seq2seq.ffn_dim=32",
+    # The two optimizers differ in every knob, and the clip thresholds are low enough to bite.
+    "seq2seq.encoder.lr=0.01",
+    "seq2seq.encoder.clip_grad_norm=0.5",
+    "seq2seq.encoder.warmup_steps=1",
+    "seq2seq.decoder.lr=0.003",
+    "seq2seq.decoder.weight_decay=0.1",
+    "seq2seq.decoder.clip_grad_norm=2.0",
+    "seq2seq.decoder.schedule=linear",
+]
+TINY_CLASSIFIER = [
+    "classifier.num_features=6",
+    "classifier.num_classes=3",
+    "classifier.hidden=16",
+    "classifier.num_eval=8",
+    "classifier.optimizer.name=sgd",
+    "classifier.optimizer.momentum=0.9",
+    "classifier.optimizer.lr=0.2",
+    "classifier.optimizer.clip_grad_norm=1.0",
+]
+RECIPES = {
+    "classifier": ["recipe=classifier", *TINY_CLASSIFIER],
+    "seq2seq": ["recipe=seq2seq", *TINY_SEQ2SEQ],
+    "seq2seq_aux": ["recipe=seq2seq", *TINY_SEQ2SEQ, "seq2seq.aux_length_weight=0.5"],
+}
+
+
+def case_config(recipe: str, window: str, world_size: int, accumulation: int, output_dir: str, steps: int = 3) -> Config:
+    micro = GLOBAL_BATCH // (world_size * accumulation)
+    num_train = WINDOWS[window]
+    section = "classifier" if recipe == "classifier" else "seq2seq"
+    args = [
+        *RECIPES[recipe],
+        f"steps={steps}",
+        f"global_batch_size={GLOBAL_BATCH}",
+        f"micro_batch_size={micro}",
+        f"{section}.num_train={num_train}",
+        f"output_dir={output_dir}",
+        f"run_name={recipe}-{window}-w{world_size}-a{accumulation}",
+        "progress_bar=false",
+    ]
+    return load_config(args, world_size=world_size)

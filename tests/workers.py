@@ -1,0 +1,99 @@
+"""Functions that run on every rank of a `tests.dist.run_distributed` group."""
+
+from __future__ import annotations
+
+import torch
+from accelerate.utils import set_seed
+
+from disttrain.accumulation import sync_context
+from disttrain.config import world_size_from_env
+from disttrain.recipes import build_recipe
+from disttrain.trainer import Trainer
+from tests.cases import case_config
+from tests.reference import named_grads, named_params, to_float64
+
+
+def make_trainer(recipe: str, window: str, accumulation: int, output_dir: str, steps: int = 3) -> Trainer:
+    cfg = case_config(recipe, window, world_size_from_env(), accumulation, output_dir, steps)
+    set_seed(cfg.seed)
+    built = build_recipe(cfg)
+    to_float64(built)
+    return Trainer(cfg, built)
+
+
+def run_cases(cases: list[tuple[str, str, int]], output_dir: str, steps: int = 3) -> dict:
+    """Train each (recipe, window, accumulation) case; keep boundary gradients and final parameters."""
+    out = {}
+    for recipe, window, accumulation in cases:
+        trainer = make_trainer(recipe, window, accumulation, output_dir, steps)
+        grads, tokens = [], []
+        for step in range(steps):
+            result = trainer.backward_window(step)
+            grads.append(named_grads(trainer.models))
+            tokens.append(local_items(trainer, step))
+            assert result.counts.shape == (len(trainer.recipe.terms),)
+            trainer.optimizer_step()
+            leftover = [n for n, p in trainer.models[next(iter(trainer.models))].named_parameters() if p.grad is not None]
+            assert not leftover, f"gradients left after the step: {leftover[:3]}"
+        out[(recipe, window, accumulation)] = {"grads": grads, "params": named_params(trainer.models), "items": tokens}
+    return out
+
+
+def local_items(trainer: Trainer, step: int) -> int:
+    """Items of the last loss term this process saw in `step` (tokens for seq2seq)."""
+    r = trainer.recipe
+    plans = [p for p in trainer.sampler.window(step, trainer.rank, trainer.world_size) if not p.stand_in]
+    return sum(int(r.item_counts(r.train_batch(p.indices))[r.terms[-1]]) for p in plans)
+
+
+def run_naive(recipe: str, window: str, accumulation: int, output_dir: str) -> list[dict]:
+    """The peers' accumulation: mean loss per micro-batch divided by the configured count.
+
+    Same models, data and no_sync as the core, only the scaling differs; returns boundary gradients.
+    """
+    trainer = make_trainer(recipe, window, accumulation, output_dir, steps=2)
+    r = trainer.recipe
+    grads = []
+    for step in range(2):
+        plans = trainer.sampler.window(step, trainer.rank, trainer.world_size)
+        for i, plan in enumerate(plans):
+            batch = r.train_batch(plan.indices)
+            counts = r.item_counts(batch)
+            with sync_context(trainer.accelerator, list(trainer.models.values()), sync=i == len(plans) - 1):
+                loss = sum(loss_sum / counts[term] for term, loss_sum in r.losses(trainer.models, batch))
+                trainer.accelerator.backward(loss / accumulation)
+        grads.append(named_grads(trainer.models))
+        trainer.optimizer_step()
+    return grads
+
+
+def watch_sync(recipe: str, accumulation: int, output_dir: str) -> dict:
+    """Gradients after every micro-step and gradient all-reduce calls, for two windows."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    trainer = make_trainer(recipe, "full", accumulation, output_dir, steps=2)
+    calls = [0]  # completed all-reduce rounds: a round ends with the bucket DDP marks as last
+
+    def counting_hook(state, bucket):
+        calls[0] += bucket.is_last()
+        return allreduce_hook(state, bucket)
+
+    for model in trainer.models.values():
+        model.register_comm_hook(None, counting_hook)
+
+    snapshots, calls_per_micro_step = [], []
+    original = trainer.recipe.losses
+
+    def spying_losses(models, batch):
+        # Runs when the next micro-batch starts: the previous one's backward is complete.
+        snapshots.append(named_grads(models))
+        calls_per_micro_step.append(calls[0])
+        yield from original(models, batch)
+
+    trainer.recipe.losses = spying_losses
+    for step in range(2):
+        trainer.backward_window(step)
+        snapshots.append(named_grads(trainer.models))
+        calls_per_micro_step.append(calls[0])
+        trainer.optimizer_step()
+    return {"snapshots": snapshots, "calls": calls_per_micro_step}
