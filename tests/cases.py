@@ -21,11 +21,11 @@ TINY_SEQ2SEQ = [
     "seq2seq.ffn_dim=32",
     # The two optimizers differ in every knob, and the clip thresholds are low enough to bite.
     "seq2seq.encoder.lr=0.01",
-    "seq2seq.encoder.clip_grad_norm=0.5",
+    "seq2seq.encoder.clip_grad_norm=0.05",
     "seq2seq.encoder.warmup_steps=1",
     "seq2seq.decoder.lr=0.003",
     "seq2seq.decoder.weight_decay=0.1",
-    "seq2seq.decoder.clip_grad_norm=2.0",
+    "seq2seq.decoder.clip_grad_norm=0.4",
     "seq2seq.decoder.schedule=linear",
 ]
 TINY_CLASSIFIER = [
@@ -36,7 +36,7 @@ TINY_CLASSIFIER = [
     "classifier.optimizer.name=sgd",
     "classifier.optimizer.momentum=0.9",
     "classifier.optimizer.lr=0.2",
-    "classifier.optimizer.clip_grad_norm=1.0",
+    "classifier.optimizer.clip_grad_norm=0.15",
 ]
 RECIPES = {
     "classifier": ["recipe=classifier", *TINY_CLASSIFIER],
@@ -45,7 +45,9 @@ RECIPES = {
 }
 
 
-def case_config(recipe: str, window: str, world_size: int, accumulation: int, output_dir: str, steps: int = 3) -> Config:
+def case_config(
+    recipe: str, window: str, world_size: int, accumulation: int, output_dir: str, steps: int = 3
+) -> Config:
     micro = GLOBAL_BATCH // (world_size * accumulation)
     num_train = WINDOWS[window]
     section = "classifier" if recipe == "classifier" else "seq2seq"

@@ -70,7 +70,9 @@ def named_grads(models: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
 
 
 def named_params(models: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
-    return {f"{m}.{n}": p.detach().clone().cpu() for m, model in models.items() for n, p in unwrap(model).named_parameters()}
+    return {
+        f"{m}.{n}": p.detach().clone().cpu() for m, model in models.items() for n, p in unwrap(model).named_parameters()
+    }
 
 
 def unwrap(model: nn.Module) -> nn.Module:

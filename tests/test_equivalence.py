@@ -39,7 +39,9 @@ def reference(recipe: str, window: str) -> dict:
 def assert_same(actual: dict, expected: dict, what: str, rtol: float, atol: float) -> None:
     assert actual.keys() == expected.keys(), f"{what}: parameters with gradients differ"
     for name in expected:
-        torch.testing.assert_close(actual[name], expected[name], rtol=rtol, atol=atol, msg=lambda m: f"{what} {name}: {m}")
+        torch.testing.assert_close(
+            actual[name], expected[name], rtol=rtol, atol=atol, msg=lambda m, name=name: f"{what} {name}: {m}"
+        )
 
 
 @pytest.mark.parametrize("world_size", WORLDS)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from accelerate.utils import set_seed
 
 from disttrain.accumulation import sync_context
@@ -33,9 +32,15 @@ def run_cases(cases: list[tuple[str, str, int]], output_dir: str, steps: int = 3
             tokens.append(local_items(trainer, step))
             assert result.counts.shape == (len(trainer.recipe.terms),)
             trainer.optimizer_step()
-            leftover = [n for n, p in trainer.models[next(iter(trainer.models))].named_parameters() if p.grad is not None]
+            leftover = [
+                n for n, p in trainer.models[next(iter(trainer.models))].named_parameters() if p.grad is not None
+            ]
             assert not leftover, f"gradients left after the step: {leftover[:3]}"
-        out[(recipe, window, accumulation)] = {"grads": grads, "params": named_params(trainer.models), "items": tokens}
+        out[(recipe, window, accumulation)] = {
+            "grads": grads,
+            "params": named_params(trainer.models),
+            "items": tokens,
+        }
     return out
 
 

@@ -57,7 +57,7 @@ class Seq2SeqConfig:
     task: str = opt("reverse", "synthetic task: reverse or sort a random-length token sequence")
     vocab_size: int = opt(16, "number of content tokens (padding, start and end come on top)")
     min_len: int = opt(2, "shortest source sequence")
-    max_len: int = opt(12, "longest source sequence")
+    max_len: int = opt(16, "longest source sequence")
     num_train: int = opt(50_000, "training sequences, generated from the seed")
     num_eval: int = opt(512, "held-out sequences for exact-match evaluation")
     d_model: int = opt(64, "Transformer width")
@@ -67,7 +67,8 @@ class Seq2SeqConfig:
     ffn_dim: int = opt(256, "feed-forward width")
     dropout: float = opt(0.0, "dropout probability")
     aux_length_weight: float = opt(
-        0.0, "weight of an auxiliary per-sample loss (predict the length from the encoder), backpropagated separately"
+        0.0,
+        "weight of an auxiliary per-sample loss (predict the length from the encoder), backpropagated separately",
     )
     target_exact_match: float = opt(0.95, "exact-match the run is expected to reach; the summary says if it did")
     encoder: OptimizerConfig = section(lambda: OptimizerConfig(lr=2e-3, weight_decay=0.01), "encoder optimizer")
@@ -92,7 +93,7 @@ class Config:
     seed: int = opt(0, "seeds model initialisation and the data order")
     steps: int = opt(1000, "optimizer steps to train")
     global_batch_size: int = opt(64, "samples per optimizer step over all processes (the batch the update is for)")
-    micro_batch_size: int = opt(64, "samples per forward/backward on one process; accumulation follows")
+    micro_batch_size: int = opt(32, "samples per forward/backward on one process; accumulation follows")
     reference_batch_size: int = opt(0, "global batch the learning rates are stated for; 0 means global_batch_size")
     lr_scaling: str = opt("none", f"learning-rate rule when the global batch differs: {', '.join(LR_SCALINGS)}")
     mixed_precision: str = opt("no", f"{', '.join(MIXED_PRECISIONS)} (fp16 uses loss scaling and needs a GPU)")

@@ -24,7 +24,11 @@ def schedule_factor(step: int, total_steps: int, o: OptimizerConfig) -> float:
 
 
 def build_group(
-    name: str, params: Iterable[nn.Parameter], o: OptimizerConfig, total_steps: int, lr_multiplier: float = 1.0
+    name: str,
+    params: Iterable[nn.Parameter],
+    o: OptimizerConfig,
+    total_steps: int,
+    lr_multiplier: float = 1.0,
 ) -> OptimizerGroup:
     """An optimizer over `params` with its schedule; weight decay spares biases and norm weights."""
     params = [p for p in params if p.requires_grad]

@@ -71,7 +71,12 @@ class Trainer:
             for p in self.sampler.window(step, self.rank, self.world_size)
         ]
         return accumulate_window(
-            self.accelerator, self.models, micro_batches, self.recipe.terms, self.recipe.item_counts, self.recipe.losses
+            self.accelerator,
+            self.models,
+            micro_batches,
+            self.recipe.terms,
+            self.recipe.item_counts,
+            self.recipe.losses,
         )
 
     def optimizer_step(self) -> UpdateResult:
@@ -115,7 +120,7 @@ class Trainer:
         weights = self.save_weights() if cfg.save_weights else []
         acc.print(
             f"done: {cfg.steps} steps in {train_time:.1f}s ({cfg.steps / train_time:.2f} steps/s), "
-            f"final loss {report.get('loss', math.nan):.4f}, {self.recipe.summary(metrics)}"
+            f"final loss {report.get('loss', math.nan):.4g}, {self.recipe.summary(metrics)}"
             + (f", {self.overflow_steps} steps skipped on fp16 overflow" if self.overflow_steps else "")
             + (f"; weights in {', '.join(weights)}" if weights else f"; run directory {self.run_dir}")
         )
@@ -124,7 +129,7 @@ class Trainer:
     def _loss_report(self, loss_sums: torch.Tensor, counts: torch.Tensor) -> dict[str, float]:
         """Each term's mean over all its items of the interval on all processes, and their sum."""
         means = (self.accelerator.reduce(loss_sums, reduction="sum") / counts.clamp(min=1)).tolist()
-        report = {f"loss/{t}": m for t, m in zip(self.recipe.terms, means)} if len(means) > 1 else {}
+        report = {f"loss/{t}": m for t, m in zip(self.recipe.terms, means, strict=True)} if len(means) > 1 else {}
         return {"loss": sum(means), **report}
 
     def evaluate(self) -> dict[str, float]:
@@ -146,7 +151,10 @@ class Trainer:
             path = os.path.join(self.run_dir, f"{name}.safetensors")
             paths.append(path)
             if self.accelerator.is_main_process:
-                state = {k: v.detach().cpu().contiguous() for k, v in self.accelerator.unwrap_model(model).state_dict().items()}
+                state = {
+                    k: v.detach().cpu().contiguous()
+                    for k, v in self.accelerator.unwrap_model(model).state_dict().items()
+                }
                 save_file(state, path + ".tmp")
                 os.replace(path + ".tmp", path)
         self.accelerator.wait_for_everyone()
@@ -162,7 +170,14 @@ class Trainer:
 
     def _make_run_dir(self) -> str:
         """One directory per run (never per process), named on the main process and shared."""
-        name = [self.cfg.run_name or f"{self.cfg.recipe}-{datetime.datetime.now():%Y%m%d-%H%M%S}"]
+        name = [self.cfg.run_name]
+        if not name[0] and self.accelerator.is_main_process:
+            stamp = f"{self.cfg.recipe}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+            name[0] = next(
+                f"{stamp}{suffix}"
+                for suffix in ["", *(f"-{i}" for i in range(1, 1000))]
+                if not os.path.exists(os.path.join(self.cfg.output_dir, f"{stamp}{suffix}"))
+            )
         broadcast_object_list(name, from_process=0)
         run_dir = os.path.join(self.cfg.output_dir, name[0])
         if self.accelerator.is_main_process:
@@ -176,7 +191,11 @@ class Trainer:
         cfg = self.cfg
         scale = lr_multiplier(cfg)
         lrs = ", ".join(f"{g.name} {g.scheduler.base_lrs[0]:.3g}" for g in self.groups)
-        scaling = f" ({cfg.lr_scaling} scaling x{scale:.3g} from reference batch {cfg.reference_batch_size})" if scale != 1 else ""
+        scaling = (
+            f" ({cfg.lr_scaling} scaling x{scale:.3g} from reference batch {cfg.reference_batch_size})"
+            if scale != 1
+            else ""
+        )
         epochs = cfg.steps / self.sampler.steps_per_epoch
         self.accelerator.print(
             f"{cfg.recipe}: {self.world_size} process(es) x micro-batch {cfg.micro_batch_size} x accumulation "

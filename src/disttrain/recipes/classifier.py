@@ -30,19 +30,18 @@ def make_mlp(c: ClassifierConfig) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def make_task(c: ClassifierConfig, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and teacher labels; the teacher depends on `seed` only, not on `count`."""
-    g = torch.Generator().manual_seed(seed)
-    teacher = torch.randn(c.num_features, c.num_classes, generator=g)
-    x = torch.randn(count, c.num_features, generator=torch.Generator().manual_seed(seed + count))
+def make_task(c: ClassifierConfig, count: int, seed: int, split: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs of one split and their labels; the teacher depends on `seed` only, so splits agree."""
+    teacher = torch.randn(c.num_features, c.num_classes, generator=torch.Generator().manual_seed(seed))
+    x = torch.randn(count, c.num_features, generator=torch.Generator().manual_seed(seed * 1_000_003 + split + 1))
     return x, (torch.tanh(x) @ teacher).argmax(dim=1)
 
 
 class ClassifierRecipe(Recipe):
     def __init__(self, cfg: Config):
         c = cfg.classifier
-        self.train_x, self.train_y = make_task(c, c.num_train, seed=cfg.seed)
-        self.eval_x, self.eval_y = make_task(c, c.num_eval, seed=cfg.seed + 1_000_003)
+        self.train_x, self.train_y = make_task(c, c.num_train, cfg.seed, split=0)
+        self.eval_x, self.eval_y = make_task(c, c.num_eval, cfg.seed, split=1)
         model = make_mlp(c)
         group = build_group("model", model.parameters(), c.optimizer, cfg.steps, lr_multiplier(cfg))
         super().__init__({"model": model}, [group])
@@ -57,7 +56,9 @@ class ClassifierRecipe(Recipe):
     def item_counts(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, int]:
         return {"loss": len(batch[1])}
 
-    def losses(self, models: dict[str, nn.Module], batch: tuple[torch.Tensor, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    def losses(
+        self, models: dict[str, nn.Module], batch: tuple[torch.Tensor, torch.Tensor]
+    ) -> Iterator[tuple[str, torch.Tensor]]:
         x, y = batch
         yield "loss", F.cross_entropy(models["model"](x), y, reduction="sum")
 

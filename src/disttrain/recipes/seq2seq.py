@@ -191,13 +191,21 @@ class Seq2SeqRecipe(Recipe):
     def item_counts(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"tokens": (batch["tgt_out"] != PAD).sum(), "length": batch["src"].shape[0]}
 
-    def losses(self, models: dict[str, nn.Module], batch: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    def losses(
+        self, models: dict[str, nn.Module], batch: dict[str, torch.Tensor]
+    ) -> Iterator[tuple[str, torch.Tensor]]:
         model = models["seq2seq"]
         if self.aux_weight > 0:
             length_logits = model(batch["src"])
-            yield "length", self.aux_weight * F.cross_entropy(length_logits, batch["lengths"], reduction="sum")
+            yield (
+                "length",
+                self.aux_weight * F.cross_entropy(length_logits, batch["lengths"], reduction="sum"),
+            )
         logits = model(batch["src"], batch["tgt_in"])
-        yield "tokens", F.cross_entropy(logits.flatten(0, 1), batch["tgt_out"].flatten(), ignore_index=PAD, reduction="sum")
+        yield (
+            "tokens",
+            F.cross_entropy(logits.flatten(0, 1), batch["tgt_out"].flatten(), ignore_index=PAD, reduction="sum"),
+        )
 
     def items_per_sample(self) -> str:
         return "tokens"

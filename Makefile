@@ -1,0 +1,53 @@
+# Two commands for a fresh machine (Python 3.10+):  make train   and   make test
+# Both create .venv on first use and reinstall only when pyproject.toml changes.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch is installed first and pinned for everything after it, so that no dependency swaps it for
+# another build. Override for your platform, e.g. TORCH_SPEC="torch==2.13.0 --index-url ...".
+TORCH_SPEC ?= torch==2.13.0
+ARGS ?=
+
+.PHONY: train test test-quick lint format install install-test clean
+
+$(VENV)/.torch:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/constraints.txt
+	touch $@
+
+$(VENV)/.install: $(VENV)/.torch pyproject.toml
+	$(PY) -m pip install --quiet -c $(VENV)/constraints.txt -e .
+	touch $@
+
+$(VENV)/.install-test: $(VENV)/.install pyproject.toml
+	$(PY) -m pip install --quiet -c $(VENV)/constraints.txt -e ".[test]"
+	touch $@
+
+install: $(VENV)/.install
+install-test: $(VENV)/.install-test
+
+## Train the default recipe (seq2seq) on this machine; pass overrides with ARGS="key=value ..."
+train: install
+	$(PY) train.py $(ARGS)
+
+## The whole test suite, as CI runs it
+test: install-test
+	$(PY) -m pytest
+
+## The quick subset for iteration: everything but the end-to-end launches
+test-quick: install-test
+	$(PY) -m pytest -m "not slow"
+
+lint: install-test
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: install-test
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache src/*.egg-info

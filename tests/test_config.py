@@ -1,0 +1,177 @@
+"""Configuration: merging, and every refused combination with its one-line message."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from disttrain.config import ConfigError, load_config, lr_multiplier
+from disttrain.engine import check_device_support, check_launcher_env
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def refused(args: list[str], world_size: int = 1) -> str:
+    with pytest.raises(ConfigError) as e:
+        load_config(args, world_size=world_size)
+    message = str(e.value)
+    assert "\n" not in message
+    return message
+
+
+def test_defaults_yaml_and_overrides_merge_in_order(tmp_path):
+    yaml = tmp_path / "run.yaml"
+    yaml.write_text("steps: 7\nseq2seq:\n  encoder:\n    lr: 0.5\n")
+    cfg = load_config(
+        [f"config={yaml}", "seq2seq.encoder.lr=0.25", "global_batch_size=32", "micro_batch_size=16"],
+        world_size=1,
+    )
+    assert cfg.steps == 7  # from the file
+    assert cfg.seq2seq.encoder.lr == 0.25  # the command line wins over the file
+    assert cfg.seq2seq.decoder.lr == 2e-3  # untouched default
+    assert cfg.global_batch_size == 32
+
+
+def test_accumulation_follows_from_world_size():
+    cfg = load_config(["global_batch_size=64", "micro_batch_size=8"], world_size=4)
+    assert [cfg.accumulation_steps(w) for w in (1, 2, 4, 8)] == [8, 4, 2, 1]
+
+
+@pytest.mark.parametrize(("scaling", "expected"), [("none", 1.0), ("linear", 4.0), ("sqrt", 2.0)])
+def test_learning_rate_scaling_rules(scaling, expected):
+    cfg = load_config(
+        ["global_batch_size=256", "micro_batch_size=32", "reference_batch_size=64", f"lr_scaling={scaling}"],
+        1,
+    )
+    assert lr_multiplier(cfg) == expected
+
+
+def test_unknown_key_suggests_the_close_one():
+    assert (
+        refused(["global_bach_size=8"])
+        == "unknown key 'global_bach_size' on the command line; did you mean 'global_batch_size'?"
+    )
+    assert "did you mean 'seq2seq.encoder.lr'" in refused(["seq2seq.encoder.lrr=1"])
+    assert "see `python train.py --help`" in refused(["completely_unrelated=1"])
+
+
+def test_unknown_key_in_yaml_names_the_file(tmp_path):
+    yaml = tmp_path / "bad.yaml"
+    yaml.write_text("seq2seq:\n  d_modle: 32\n")
+    assert refused([f"config={yaml}"]) == f"unknown key 'seq2seq.d_modle' in {yaml}; did you mean 'seq2seq.d_model'?"
+
+
+def test_wrong_type_names_the_key():
+    message = refused(["micro_batch_size=lots"])
+    assert message.startswith("micro_batch_size:") and "'lots'" in message
+
+
+def test_global_batch_must_divide_into_micro_batches_on_every_process():
+    assert refused(["global_batch_size=48", "micro_batch_size=5"]) == (
+        "global_batch_size=48 is not divisible by micro_batch_size x world size = 5 x 1 = 5; choose a multiple of 5"
+    )
+    assert "= 8 x 4 = 32; choose a multiple of 32" in refused(
+        ["global_batch_size=48", "micro_batch_size=8"], world_size=4
+    )
+
+
+def test_accumulation_below_one_is_refused():
+    message = refused(["global_batch_size=16", "micro_batch_size=8"], world_size=4)
+    assert message.startswith("global_batch_size=16 is smaller than micro_batch_size x world size = 8 x 4 = 32")
+    assert "accumulation would be < 1" in message
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["micro_batch_size=0"], "micro_batch_size=0 must be >= 1"),
+        (["steps=0"], "steps=0 must be >= 1"),
+        (["recipe=gpt"], "recipe='gpt' is not one of: classifier, seq2seq"),
+        (["mixed_precision=fp8"], "mixed_precision='fp8' is not one of: no, bf16, fp16"),
+        (["lr_scaling=cubic"], "lr_scaling='cubic' is not one of: none, linear, sqrt"),
+        (["lr_scaling=linear"], "lr_scaling=linear needs reference_batch_size"),
+        (
+            ["seq2seq.encoder.schedule=step"],
+            "seq2seq.encoder.schedule='step' is not one of: constant, linear, cosine",
+        ),
+        (["seq2seq.decoder.name=lion"], "seq2seq.decoder.name='lion' is not one of: adamw, sgd"),
+        (["seq2seq.decoder.lr=0"], "seq2seq.decoder.lr=0.0 must be > 0"),
+        (["seq2seq.encoder.clip_grad_norm=-1"], "seq2seq.encoder.clip_grad_norm=-1.0 must be >= 0"),
+        (["steps=10", "seq2seq.encoder.warmup_steps=20"], "seq2seq.encoder.warmup_steps=20 exceeds steps=10"),
+        (
+            ["seq2seq.d_model=30", "seq2seq.n_heads=4"],
+            "seq2seq.d_model=30 must be divisible by seq2seq.n_heads=4",
+        ),
+        (["seq2seq.min_len=5", "seq2seq.max_len=3"], "seq2seq.max_len=3 is below seq2seq.min_len=5"),
+        (["classifier.num_classes=1"], "classifier.num_classes=1 must be >= 2"),
+        (["classifier.optimizer.min_lr_ratio=2"], "classifier.optimizer.min_lr_ratio=2.0 must lie in [0, 1]"),
+    ],
+)
+def test_impossible_values_are_refused(args, expected):
+    assert expected in refused(args)
+
+
+def test_malformed_arguments():
+    assert refused(["--steps", "3"]).startswith("argument '--steps' is not of the form key=value")
+    assert refused(["config=/nonexistent.yaml"]) == "config=/nonexistent.yaml: no such file"
+
+
+def test_launcher_config_may_not_override_the_run_config(monkeypatch):
+    cfg = load_config([], world_size=1)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    with pytest.raises(ConfigError, match="accelerate launch config says mixed_precision: bf16"):
+        check_launcher_env(cfg)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # the launcher's default does not conflict
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps: 4; remove it"):
+        check_launcher_env(cfg)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU-only refusals")
+def test_gpu_only_features_are_refused_on_cpu():
+    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+        check_device_support(load_config(["mixed_precision=fp16"], world_size=1), 1)
+    with pytest.raises(ConfigError, match="sync_batchnorm=true needs GPUs"):
+        check_device_support(load_config(["sync_batchnorm=true", "micro_batch_size=32"], world_size=2), 2)
+
+
+def run_train(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "train.py", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_bad_config_exits_before_any_process_group():
+    # Rank 0 of a 2-process launch with no peer and no rendezvous: any attempt to start the process
+    # group would fail or hang; the config error must come first, as one line.
+    result = run_train("global_batch_size=20", "micro_batch_size=4", env={"WORLD_SIZE": "2", "RANK": "0"})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "config error: global_batch_size=20 is not divisible by micro_batch_size x world size = 4 x 2 = 8; choose a multiple of 8"
+    ]
+
+
+def test_other_ranks_stay_quiet_on_config_errors():
+    result = run_train("stepz=1", env={"WORLD_SIZE": "2", "RANK": "1"})
+    assert result.returncode == 2 and result.stderr == ""
+
+
+def test_help_lists_keys_without_importing_torch():
+    code = "import runpy, sys; sys.argv = ['train.py', '--help']\ntry:\n    runpy.run_path('train.py', run_name='__main__')\nexcept SystemExit:\n    pass\nprint('TORCH' if 'torch' in sys.modules else 'NO-TORCH')"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip().endswith("NO-TORCH")
+    for key in (
+        "global_batch_size=64",
+        "micro_batch_size=32",
+        "seq2seq.encoder.lr=0.002",
+        "classifier.optimizer.clip_grad_norm=1.0",
+    ):
+        assert key in result.stdout

@@ -1,0 +1,76 @@
+"""End to end through the real launchers: `accelerate launch` with 2 CPU processes, and `python`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from accelerate.utils import set_seed
+from safetensors.torch import load_file
+
+from disttrain.config import load_config
+from disttrain.recipes.seq2seq import Seq2Seq
+from tests.dist import free_port
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ACCELERATE = os.path.join(os.path.dirname(sys.executable), "accelerate")
+
+pytestmark = pytest.mark.slow
+
+
+def launch(args: list[str], *train_args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [*args, "train.py", "config=configs/debug.yaml", *train_args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+# SGD keeps float32 rounding at rounding size. Adam would not: a few gradients are zero in exact
+# arithmetic (attention key biases: softmax ignores a constant shift) and pure rounding noise in
+# float32, and Adam normalises that noise into steps of the learning rate's size.
+SGD = [f"seq2seq.{part}.{key}" for part in ("encoder", "decoder") for key in ("name=sgd", "momentum=0.9", "lr=0.05")]
+
+
+def test_two_processes_match_one_process(tmp_path):
+    runs = tmp_path / "runs"
+    two = launch(
+        [
+            ACCELERATE,
+            "launch",
+            "--config_file",
+            "configs/accelerate/ddp.yaml",
+            "--main_process_port",
+            str(free_port()),
+        ],
+        f"output_dir={runs}",
+        "run_name=two",
+        *SGD,
+    )
+    one = launch([sys.executable], f"output_dir={runs}", "run_name=one", *SGD)
+
+    assert sorted(os.listdir(runs)) == ["one", "two"], "one run directory per run, none per process"
+    assert "2 process(es) x micro-batch 4 x accumulation 2 = global batch 16" in two.stdout
+    assert "1 process(es) x micro-batch 4 x accumulation 4 = global batch 16" in one.stdout
+    assert two.stdout.count("done: 6 steps") == 1, "the summary is printed by the main process only"
+    resolved = (runs / "two" / "config.yaml").read_text()
+    assert "global_batch_size: 16" in resolved and "run_name: two" in resolved
+
+    w2, w1 = load_file(runs / "two" / "seq2seq.safetensors"), load_file(runs / "one" / "seq2seq.safetensors")
+    assert w1.keys() == w2.keys()
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+    # Both runs trained: the weights moved away from the seed's initialisation.
+    set_seed(0)
+    initial = Seq2Seq(load_config(["config=" + os.path.join(REPO, "configs/debug.yaml")], world_size=1).seq2seq)
+    moved = max(float((w1[n] - p.detach()).abs().max()) for n, p in initial.state_dict().items())
+    assert moved > 1e-3

@@ -1,0 +1,76 @@
+"""Recipes: the synthetic data, the BatchNorm warning, evaluation."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from disttrain.config import load_config
+from disttrain.recipes.seq2seq import BOS, EOS, PAD, collate, generate_sequences
+from disttrain.trainer import Trainer
+from tests.cases import case_config
+
+
+def test_seq2seq_batches_pad_per_micro_batch_and_end_with_eos():
+    cfg = load_config(["seq2seq.min_len=1", "seq2seq.max_len=5"], world_size=1).seq2seq
+    data = generate_sequences(cfg, 64, seed=0)
+    short = int(data.lengths.argmin())
+    batch = collate(data, "reverse", [short])
+    n = int(data.lengths[short])
+    assert batch["src"].shape == (1, n)  # padded to this batch's longest, not to max_len
+    assert batch["tgt_in"][0].tolist() == [BOS, *data.tokens[short, :n].flip(0).tolist()]
+    assert batch["tgt_out"][0].tolist() == [*data.tokens[short, :n].flip(0).tolist(), EOS]
+    both = collate(data, "sort", [short, int(data.lengths.argmax())])
+    assert (both["tgt_out"][0, n + 1 :] == PAD).all() and both["tgt_out"][0, n] == EOS
+    assert both["tgt_out"][1, :-1].tolist() == sorted(both["tgt_out"][1, :-1].tolist())
+
+
+def test_held_out_sequences_are_not_in_the_training_set():
+    cfg = load_config(["seq2seq.vocab_size=3", "seq2seq.min_len=2", "seq2seq.max_len=5"], world_size=1).seq2seq
+    train = generate_sequences(cfg, 500, seed=0)
+    held_out = generate_sequences(cfg, 50, seed=1, exclude=train)
+    assert not set(map(tuple, held_out.tokens.tolist())) & set(map(tuple, train.tokens.tolist()))
+    assert generate_sequences(cfg, 500, seed=0).tokens.equal(train.tokens)  # deterministic from the seed
+
+
+def test_batchnorm_with_accumulation_warns(tmp_path):
+    cfg = load_config(
+        [
+            "recipe=classifier",
+            "classifier.batchnorm=true",
+            "global_batch_size=64",
+            "micro_batch_size=16",
+            f"output_dir={tmp_path}",
+        ],
+        world_size=1,
+    )
+    with pytest.warns(UserWarning, match="model 'model' has BatchNorm: its statistics come from micro-batches of 16"):
+        Trainer(cfg)
+
+
+def test_batchnorm_without_accumulation_is_quiet(tmp_path):
+    cfg = load_config(["recipe=classifier", "classifier.batchnorm=true", f"output_dir={tmp_path}"], world_size=1)
+    cfg.micro_batch_size = cfg.global_batch_size
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        Trainer(cfg)
+
+
+@pytest.mark.parametrize("recipe", ["classifier", "seq2seq"])
+def test_evaluation_reports_a_fraction(tmp_path, recipe):
+    trainer = Trainer(case_config(recipe, "full", 1, 1, str(tmp_path)))
+    metrics = trainer.evaluate()
+    assert len(metrics) == 1 and all(0.0 <= v <= 1.0 for v in metrics.values())
+    assert all(m.training for m in trainer.models.values()), "evaluation must hand the models back in train mode"
+
+
+def test_classifier_learns(tmp_path):
+    cfg = load_config(["config=configs/classifier.yaml", f"output_dir={tmp_path}", "progress_bar=false"], world_size=1)
+    trainer = Trainer(cfg)
+    before = trainer.evaluate()["accuracy"]
+    metrics = trainer.fit()
+    assert metrics["accuracy"] > max(0.85, before + 0.3)
+    assert (tmp_path / trainer.run_dir.split("/")[-1] / "model.safetensors").exists()
+    assert torch.isfinite(torch.tensor(metrics["accuracy"]))
