@@ -44,8 +44,8 @@ def assert_same(actual: dict, expected: dict, what: str, rtol: float, atol: floa
         )
 
 
-@pytest.mark.parametrize("world_size", WORLDS)
-@pytest.mark.parametrize(("recipe", "window", "accumulation"), CASES, ids=["-".join(map(str, c)) for c in CASES])
+@pytest.mark.parametrize("world_size", WORLDS, ids=[f"world{w}" for w in WORLDS])
+@pytest.mark.parametrize(("recipe", "window", "accumulation"), CASES, ids=[f"{r}-{w}-acc{a}" for r, w, a in CASES])
 def test_update_equals_whole_batch_reference(world_size, recipe, window, accumulation):
     ranks = distributed(world_size)
     ref = reference(recipe, window)

@@ -41,7 +41,7 @@ def test_loss_scaling_unscales_once_for_every_optimizer(tmp_path):
     scaler = with_cpu_grad_scaler(scaled, 2.0**12)
     for step in range(3):
         result = scaled.train_step(step)
-        assert not result.update.skipped
+        assert not result.phases[0].update.skipped
     assert scaler.get_scale() == 2.0**12
     assert len(scaled.groups) == 2  # encoder and decoder optimizers share the scaler
     for name, value in named_params(scaled.models).items():
@@ -51,13 +51,14 @@ def test_loss_scaling_unscales_once_for_every_optimizer(tmp_path):
 def test_overflow_skips_every_optimizer_and_is_counted(tmp_path):
     trainer = tiny_seq2seq(tmp_path)
     scaler = with_cpu_grad_scaler(trainer, 2.0**12)
-    trainer.backward_window(0)
+    phase = trainer.recipe.phases(0)[0]
+    trainer.backward_window(phase)
     before = named_params(trainer.models)
     lrs = [g.scheduler.get_last_lr() for g in trainer.groups]
     decoder_param = next(p for p in trainer.groups[1].params if p.grad is not None)
     decoder_param.grad[0] = math.inf  # one overflowing gradient in one optimizer's parameters
 
-    update = trainer.optimizer_step()
+    update = trainer.optimizer_step(phase)
 
     assert update.skipped and trainer.overflow_steps == 1
     assert not math.isfinite(float(update.grad_norms["decoder"]))
@@ -68,7 +69,7 @@ def test_overflow_skips_every_optimizer_and_is_counted(tmp_path):
     assert scaler.get_scale() == 2.0**11
     assert all(p.grad is None for g in trainer.groups for p in g.params), "overflowed gradients left behind"
 
-    assert not trainer.train_step(1).update.skipped  # training continues at the lower scale
+    assert not trainer.train_step(1).phases[0].update.skipped  # training continues at the lower scale
 
 
 @pytest.mark.parametrize("recipe", ["seq2seq", "classifier"])
@@ -76,7 +77,7 @@ def test_clip_thresholds_bite_in_the_equivalence_cases(tmp_path, recipe):
     """The matrix checks clipping (at the boundary, per optimizer) only if the thresholds are reached."""
     trainer = Trainer(case_config(recipe, "short", 1, 3, str(tmp_path)))
     for step in range(3):
-        update = trainer.train_step(step).update
+        update = trainer.train_step(step).phases[0].update
         for g in trainer.groups:
             assert float(update.grad_norms[g.name]) > g.clip_grad_norm > 0, (step, g.name)
 
@@ -85,8 +86,8 @@ def test_bf16_autocast_trains(tmp_path):
     trainer = tiny_seq2seq(tmp_path, "mixed_precision=bf16")
     losses = []
     for step in range(4):
-        result = trainer.train_step(step)
-        losses.append(float(result.window.loss_sums.sum() / result.window.counts.sum()))
+        window = trainer.train_step(step).phases[0].window
+        losses.append(float(window.loss_sums.sum() / window.counts.sum()))
     assert all(math.isfinite(x) for x in losses)
     assert trainer.accelerator.mixed_precision == "bf16"
 

@@ -27,11 +27,12 @@ def run_cases(cases: list[tuple[str, str, int]], output_dir: str, steps: int = 3
         trainer = make_trainer(recipe, window, accumulation, output_dir, steps)
         grads, tokens = [], []
         for step in range(steps):
-            result = trainer.backward_window(step)
+            phase = trainer.recipe.phases(step)[0]
+            result = trainer.backward_window(phase)
             grads.append(named_grads(trainer.models))
             tokens.append(local_items(trainer, step))
             assert result.counts.shape == (len(trainer.recipe.terms),)
-            trainer.optimizer_step()
+            trainer.optimizer_step(phase)
             leftover = [
                 n for n, p in trainer.models[next(iter(trainer.models))].named_parameters() if p.grad is not None
             ]
@@ -68,7 +69,7 @@ def run_naive(recipe: str, window: str, accumulation: int, output_dir: str) -> l
                 loss = sum(loss_sum / counts[term] for term, loss_sum in r.losses(trainer.models, batch))
                 trainer.accelerator.backward(loss / accumulation)
         grads.append(named_grads(trainer.models))
-        trainer.optimizer_step()
+        trainer.optimizer_step(trainer.recipe.phases(step)[0])
     return grads
 
 
@@ -97,8 +98,9 @@ def watch_sync(recipe: str, accumulation: int, output_dir: str) -> dict:
 
     trainer.recipe.losses = spying_losses
     for step in range(2):
-        trainer.backward_window(step)
+        phase = trainer.recipe.phases(step)[0]
+        trainer.backward_window(phase)
         snapshots.append(named_grads(trainer.models))
         calls_per_micro_step.append(calls[0])
-        trainer.optimizer_step()
+        trainer.optimizer_step(phase)
     return {"snapshots": snapshots, "calls": calls_per_micro_step}

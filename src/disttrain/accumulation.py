@@ -26,7 +26,7 @@ from accelerate import Accelerator
 from torch import nn
 
 ItemCounts = Callable[[Any], dict[str, Any]]
-LossStream = Callable[[dict[str, nn.Module], Any], Iterator[tuple[str, torch.Tensor]]]
+BatchLosses = Callable[[Any], Iterator[tuple[str, torch.Tensor]]]
 
 
 @dataclass
@@ -72,17 +72,18 @@ def sync_context(accelerator: Accelerator, models: Sequence[nn.Module], sync: bo
 
 def accumulate_window(
     accelerator: Accelerator,
-    models: dict[str, nn.Module],
+    models: Sequence[nn.Module],
     micro_batches: Sequence[MicroBatch],
     terms: Sequence[str],
     item_counts: ItemCounts,
-    losses: LossStream,
+    losses: BatchLosses,
 ) -> WindowResult:
     """Forward and backward every micro-batch of one window, leaving the exact window gradient.
 
-    `item_counts(batch)` gives each loss term's item count without a forward (samples, or valid
-    tokens); `losses(models, batch)` yields `(term, summed loss)` in the order of `terms`, each
-    backpropagated at once so that its graph is freed before the next term is computed.
+    `models` are those trained by this window (their sync is controlled). `item_counts(batch)` gives
+    each loss term's item count without a forward (samples, or valid tokens); `losses(batch)` yields
+    `(term, summed loss)` in the order of `terms`, each backpropagated at once so that its graph is
+    freed before the next term is computed.
     """
     device = accelerator.device
     local_counts = torch.zeros(len(terms), dtype=torch.float64, device=device)
@@ -94,13 +95,12 @@ def accumulate_window(
     scales = accelerator.num_processes / global_counts.clamp(min=1.0)
 
     loss_sums = torch.zeros_like(local_counts)
-    synced_models = list(models.values())
     last_micro, last_term = len(micro_batches) - 1, len(terms) - 1
     for i, mb in enumerate(micro_batches):
         weights = scales * 0.0 if mb.stand_in else scales
-        stream = losses(models, mb.batch)
+        stream = losses(mb.batch)
         for j, term in enumerate(terms):
-            with sync_context(accelerator, synced_models, sync=(i == last_micro and j == last_term)):
+            with sync_context(accelerator, models, sync=(i == last_micro and j == last_term)):
                 name, loss = next(stream)
                 if name != term:
                     raise RuntimeError(f"the recipe yielded loss '{name}' where '{term}' was expected (order: {terms})")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
-import math
 import os
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -21,16 +22,37 @@ from disttrain.config import Config, lr_multiplier, to_yaml
 from disttrain.data.windows import WindowSampler
 from disttrain.engine import build_accelerator, check_device_support, check_launcher_env
 from disttrain.recipes import build_recipe
-from disttrain.recipes.base import Recipe
+from disttrain.recipes.base import Phase, Recipe
 
 log = get_logger("disttrain")
 
 
+@contextlib.contextmanager
+def frozen(modules: tuple[nn.Module, ...]) -> Iterator[None]:
+    """Parameters of `modules` take no gradient inside the block; their flags are restored after it."""
+    params = [p for m in modules for p in m.parameters()]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)
+
+
 @dataclass
-class StepResult:
+class PhaseResult:
+    phase: str
+    terms: tuple[str, ...]
     window: WindowResult
     update: UpdateResult
-    samples: int  # global samples in this window (fewer in the last window of an epoch)
+
+
+@dataclass
+class StepResult:
+    phases: list[PhaseResult]
+    samples: int  # global samples through the models in this step (fewer in the last window of an epoch)
 
 
 class Trainer:
@@ -59,30 +81,48 @@ class Trainer:
     # ------------------------------------------------------------------ one optimizer step
 
     def train_step(self, step: int) -> StepResult:
-        window = self.backward_window(step)
-        update = self.optimizer_step()
-        return StepResult(window, update, samples=len(self.sampler.global_batch(step)))
+        results, samples = [], 0
+        for phase in self.recipe.phases(step):
+            window = self.backward_window(phase)
+            update = self.optimizer_step(phase)
+            results.append(PhaseResult(phase.name, phase.terms, window, update))
+            samples += len(self.sampler.global_batch(phase.data_step))
+        return StepResult(results, samples)
 
-    def backward_window(self, step: int) -> WindowResult:
-        """Forward and backward this process's micro-batches of `step`; gradients are then exact."""
+    def backward_window(self, phase: Phase) -> WindowResult:
+        """Forward and backward this process's micro-batches of `phase`; its gradients are then exact."""
         device = self.accelerator.device
         micro_batches = [
-            MicroBatch(send_to_device(self.recipe.train_batch(p.indices), device), p.stand_in)
-            for p in self.sampler.window(step, self.rank, self.world_size)
+            MicroBatch(send_to_device(phase.make_batch(p), device), p.stand_in)
+            for p in self.sampler.window(phase.data_step, self.rank, self.world_size)
         ]
-        return accumulate_window(
-            self.accelerator,
-            self.models,
-            micro_batches,
-            self.recipe.terms,
-            self.recipe.item_counts,
-            self.recipe.losses,
-        )
+        with frozen(phase.frozen):
+            window = accumulate_window(
+                self.accelerator,
+                [self.models[name] for name in phase.models],
+                micro_batches,
+                phase.terms,
+                phase.item_counts,
+                lambda batch: phase.losses(self.models, batch),
+            )
+        self._check_no_stray_gradients(phase)
+        return window
 
-    def optimizer_step(self) -> UpdateResult:
-        update = apply_update(self.accelerator, self.groups, list(self.models.values()))
+    def optimizer_step(self, phase: Phase) -> UpdateResult:
+        update = apply_update(self.accelerator, phase.groups, [self.models[name] for name in phase.models])
         self.overflow_steps += update.skipped
+        if phase.after_update is not None and not update.skipped:
+            phase.after_update()
         return update
+
+    def _check_no_stray_gradients(self, phase: Phase) -> None:
+        """Gradients in a model this phase does not train would leak into that model's next update."""
+        for name, model in self.models.items():
+            if name not in phase.models and any(p.grad is not None for p in model.parameters()):
+                raise RuntimeError(
+                    f"phase '{phase.name}' left gradients in '{name}', which it does not train: "
+                    f"freeze it for the phase (Phase.frozen) or detach its outputs"
+                )
 
     # ------------------------------------------------------------------ the run
 
@@ -90,28 +130,30 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         self._announce()
         progress = tqdm(total=cfg.steps, disable=not (acc.is_main_process and cfg.progress_bar), dynamic_ncols=True)
-        loss_sums = counts = None
+        interval: dict[tuple[str, str], torch.Tensor] = {}  # (phase, term) -> [local loss sum, global count]
         samples_in_interval, interval_start, start = 0, time.perf_counter(), time.perf_counter()
         report: dict[str, float] = {}
         for step in range(cfg.steps):
             result = self.train_step(step)
-            if loss_sums is None:
-                loss_sums, counts = result.window.loss_sums.clone(), result.window.counts.clone()
-            else:
-                loss_sums += result.window.loss_sums
-                counts += result.window.counts
+            for r in result.phases:
+                for j, term in enumerate(r.terms):
+                    pair = torch.stack([r.window.loss_sums[j], r.window.counts[j]])
+                    interval[r.phase, term] = interval[r.phase, term] + pair if (r.phase, term) in interval else pair
             samples_in_interval += result.samples
             progress.update(1)
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
                 elapsed = time.perf_counter() - interval_start
-                report = self._loss_report(loss_sums, counts)
+                report = self._loss_report(interval)
                 report["samples_per_s"] = samples_in_interval / elapsed
                 report.update({f"lr/{g.name}": g.scheduler.get_last_lr()[0] for g in self.groups})
-                report.update({f"grad_norm/{k}": float(v) for k, v in result.update.grad_norms.items()})
-                progress.set_postfix(loss=f"{report['loss']:.4f}", samples_s=f"{report['samples_per_s']:.0f}")
+                for r in result.phases:
+                    report.update({f"grad_norm/{k}": float(v) for k, v in r.update.grad_norms.items()})
+                headline = next(iter(report))
+                progress.set_postfix(
+                    {headline: f"{report[headline]:.4f}", "samples/s": f"{report['samples_per_s']:.0f}"}
+                )
                 log.info(f"step {step + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in report.items()))
-                loss_sums = counts = None
-                samples_in_interval, interval_start = 0, time.perf_counter()
+                interval, samples_in_interval, interval_start = {}, 0, time.perf_counter()
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 != cfg.steps:
                 log.info(f"step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in self.evaluate().items()))
         progress.close()
@@ -120,17 +162,31 @@ class Trainer:
         weights = self.save_weights() if cfg.save_weights else []
         acc.print(
             f"done: {cfg.steps} steps in {train_time:.1f}s ({cfg.steps / train_time:.2f} steps/s), "
-            f"final loss {report.get('loss', math.nan):.4g}, {self.recipe.summary(metrics)}"
+            f"final {self._format_losses(report)}, {self.recipe.summary(metrics)}"
             + (f", {self.overflow_steps} steps skipped on fp16 overflow" if self.overflow_steps else "")
             + (f"; weights in {', '.join(weights)}" if weights else f"; run directory {self.run_dir}")
         )
         return metrics
 
-    def _loss_report(self, loss_sums: torch.Tensor, counts: torch.Tensor) -> dict[str, float]:
-        """Each term's mean over all its items of the interval on all processes, and their sum."""
-        means = (self.accelerator.reduce(loss_sums, reduction="sum") / counts.clamp(min=1)).tolist()
-        report = {f"loss/{t}": m for t, m in zip(self.recipe.terms, means, strict=True)} if len(means) > 1 else {}
-        return {"loss": sum(means), **report}
+    def _loss_report(self, interval: dict[tuple[str, str], torch.Tensor]) -> dict[str, float]:
+        """Each term's mean over all its items of the interval on all processes, summed per phase."""
+        pairs = torch.stack(list(interval.values()))
+        sums = self.accelerator.reduce(pairs[:, 0].contiguous(), reduction="sum")  # counts are global already
+        means = (sums / pairs[:, 1].clamp(min=1)).tolist()
+        phases = list(dict.fromkeys(phase for phase, _ in interval))
+        report: dict[str, float] = {}
+        for phase in phases:
+            terms = {t: m for (p, t), m in zip(interval, means, strict=True) if p == phase}
+            prefix = "loss" if len(phases) == 1 else f"loss/{phase}"
+            report[prefix] = sum(terms.values())
+            if len(terms) > 1:
+                report.update({f"{prefix}/{t}": m for t, m in terms.items()})
+        return report
+
+    @staticmethod
+    def _format_losses(report: dict[str, float]) -> str:
+        losses = {k: v for k, v in report.items() if k.startswith("loss") and k.count("/") <= 1}
+        return ", ".join(f"{k.replace('/', ' ')} {v:.4g}" for k, v in losses.items()) or "loss n/a"
 
     def evaluate(self) -> dict[str, float]:
         """The recipe's metrics on held-out data, each process scoring its share."""
@@ -196,7 +252,7 @@ class Trainer:
             if scale != 1
             else ""
         )
-        epochs = cfg.steps / self.sampler.steps_per_epoch
+        epochs = self.recipe.data_steps(cfg.steps) / self.sampler.steps_per_epoch
         self.accelerator.print(
             f"{cfg.recipe}: {self.world_size} process(es) x micro-batch {cfg.micro_batch_size} x accumulation "
             f"{self.accumulation} = global batch {cfg.global_batch_size}; {cfg.steps} steps ({epochs:.2f} epochs); "

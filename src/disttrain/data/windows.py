@@ -15,7 +15,8 @@ import torch
 
 @dataclass(frozen=True)
 class MicroBatchPlan:
-    indices: list[int]
+    indices: list[int]  # dataset indices
+    start: int = 0  # position of the first of them in the global batch (keys per-sample noise)
     # A process with nothing to do in a micro-step still has to run forward and backward, or the
     # collective at the boundary would wait for it forever: it reruns a real sample with weight 0.
     stand_in: bool = False
@@ -64,7 +65,7 @@ def split_window(indices: list[int], rank: int, world_size: int, micro_batch_siz
         start = slot * base + min(slot, extra)
         size = base + (slot < extra)
         if size:
-            plans.append(MicroBatchPlan(indices[start : start + size]))
+            plans.append(MicroBatchPlan(indices[start : start + size], start))
         else:
-            plans.append(MicroBatchPlan(indices[:1], stand_in=True))
+            plans.append(MicroBatchPlan(indices[:1], 0, stand_in=True))
     return plans

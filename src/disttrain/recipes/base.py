@@ -8,13 +8,38 @@ Copy `classifier.py` (one model) or `seq2seq.py` (two optimizers, two losses) to
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from disttrain.accumulation import OptimizerGroup
+from disttrain.accumulation import ItemCounts, OptimizerGroup
+from disttrain.data.windows import MicroBatchPlan
+
+LossStream = Callable[[dict[str, nn.Module], Any], Iterator[tuple[str, torch.Tensor]]]
+
+
+@dataclass
+class Phase:
+    """One accumulation window and one update inside a training step.
+
+    Most recipes have a single phase that trains everything; a GAN has a discriminator phase and a
+    generator phase. Only `models` are synchronised, clipped and zeroed; `frozen` modules take part
+    in the forward without gradients of their own (requires_grad off for the window).
+    """
+
+    name: str
+    models: tuple[str, ...]
+    groups: list[OptimizerGroup]
+    terms: tuple[str, ...]
+    item_counts: ItemCounts
+    losses: LossStream  # called with the trainer's (prepared) models and a micro-batch
+    make_batch: Callable[[MicroBatchPlan], Any]
+    data_step: int  # which global batch of the data order this window uses
+    frozen: tuple[nn.Module, ...] = ()
+    after_update: Callable[[], None] | None = field(default=None)  # e.g. an EMA of the weights
 
 
 class Recipe(ABC):
@@ -51,9 +76,24 @@ class Recipe(ABC):
         Returns `{name: tensor([sum, count])}`; the trainer sums them over processes and divides.
         """
 
-    def items_per_sample(self) -> str:
-        """Name of the items of the first term, for throughput lines ('samples' or 'tokens')."""
-        return "samples"
+    def phases(self, step: int) -> list[Phase]:
+        """The phases of optimizer step `step`: by default one that trains every model."""
+        return [
+            Phase(
+                name="train",
+                models=tuple(self.models),
+                groups=self.groups,
+                terms=self.terms,
+                item_counts=self.item_counts,
+                losses=self.losses,
+                make_batch=lambda plan: self.train_batch(plan.indices),
+                data_step=step,
+            )
+        ]
+
+    def data_steps(self, steps: int) -> int:
+        """Global batches of data that `steps` optimizer steps consume."""
+        return steps
 
     def summary(self, metrics: dict[str, float]) -> str:
         """One phrase on the recipe's quality for the final summary line."""
