@@ -38,6 +38,27 @@ TINY_CLASSIFIER = [
     "classifier.optimizer.lr=0.2",
     "classifier.optimizer.clip_grad_norm=0.15",
 ]
+TINY_GAN = [
+    "gan.z_dim=4",
+    "gan.hidden=16",
+    "gan.layers=2",
+    "gan.num_eval=64",
+    "gan.ema_decay=0.9",
+    "gan.generator.lr=0.003",
+    "gan.generator.clip_grad_norm=0.06",
+    # SGD for D: Adam would turn float64 rounding in near-zero gradients (hinge-loss biases) into steps.
+    "gan.discriminator.name=sgd",
+    "gan.discriminator.momentum=0.9",
+    "gan.discriminator.lr=0.05",
+    "gan.discriminator.weight_decay=0.01",
+    "gan.discriminator.clip_grad_norm=0.25",
+    "gan.discriminator.schedule=linear",
+]
+GAN_RECIPES = {
+    "gan": ["recipe=gan", *TINY_GAN, "gan.r1_gamma=0"],
+    # R1 on every other D update, two D updates per G update, hinge loss
+    "gan_r1": ["recipe=gan", *TINY_GAN, "gan.r1_gamma=1.0", "gan.r1_every=2", "gan.d_steps=2", "gan.loss=hinge"],
+}
 RECIPES = {
     "classifier": ["recipe=classifier", *TINY_CLASSIFIER],
     "seq2seq": ["recipe=seq2seq", *TINY_SEQ2SEQ],
@@ -50,9 +71,9 @@ def case_config(
 ) -> Config:
     micro = GLOBAL_BATCH // (world_size * accumulation)
     num_train = WINDOWS[window]
-    section = "classifier" if recipe == "classifier" else "seq2seq"
+    section = recipe.split("_")[0]
     args = [
-        *RECIPES[recipe],
+        *{**RECIPES, **GAN_RECIPES}[recipe],
         f"steps={steps}",
         f"global_batch_size={GLOBAL_BATCH}",
         f"micro_batch_size={micro}",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+
+import torch
 from accelerate.utils import set_seed
 
 from disttrain.accumulation import sync_context
@@ -104,3 +107,83 @@ def watch_sync(recipe: str, accumulation: int, output_dir: str) -> dict:
         calls_per_micro_step.append(calls[0])
         trainer.optimizer_step(phase)
     return {"snapshots": snapshots, "calls": calls_per_micro_step}
+
+
+def run_gan_cases(cases: list[tuple[str, str, int]], output_dir: str, steps: int = 3) -> dict:
+    """Train each GAN case; keep each phase's boundary gradients and the final G, D and EMA weights."""
+    out = {}
+    for recipe, window, accumulation in cases:
+        trainer = make_trainer(recipe, window, accumulation, output_dir, steps)
+        grads = []
+        for step in range(steps):
+            for phase in trainer.recipe.phases(step):
+                trainer.backward_window(phase)
+                grads.append(named_grads(trainer.models))
+                trainer.optimizer_step(phase)
+        params = {**named_params(trainer.models), **named_params({"ema": trainer.recipe.ema})}
+        out[(recipe, window, accumulation)] = {"grads": grads, "params": params}
+    return out
+
+
+def watch_gan_phases(accumulation: int, output_dir: str) -> dict:
+    """Per phase: each model's all-reduce rounds, gradients after each micro-step, and whether the
+    model that the phase does not train kept its weights, optimizer state and empty gradients."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    trainer = make_trainer("gan_r1", "full", accumulation, output_dir, steps=2)
+    rounds = {name: 0 for name in trainer.models}
+
+    def counter(name):
+        def hook(state, bucket):
+            rounds[name] += bucket.is_last()
+            return allreduce_hook(state, bucket)
+
+        return hook
+
+    for name, model in trainer.models.items():
+        model.register_comm_hook(None, counter(name))
+
+    log = []
+    for step in range(2):
+        for phase in trainer.recipe.phases(step):
+            other = next(n for n in trainer.models if n not in phase.models)
+            other_group = next(g for g in trainer.groups if g.name == other)
+            before = named_params({other: trainer.models[other]})
+            state_before = copy.deepcopy(other_group.optimizer.state_dict())
+            rounds_before = dict(rounds)
+            snapshots = []
+            original = phase.losses
+
+            def spying(models, batch, original=original, snapshots=snapshots, name=phase.models[0]):
+                snapshots.append(named_grads({name: models[name]}))
+                yield from original(models, batch)
+
+            phase.losses = spying
+            trainer.backward_window(phase)
+            snapshots.append(named_grads({phase.models[0]: trainer.models[phase.models[0]]}))
+            trainer.optimizer_step(phase)
+            log.append(
+                {
+                    "phase": phase.name,
+                    "terms": phase.terms,
+                    "rounds": {n: rounds[n] - rounds_before[n] for n in rounds},
+                    "snapshots": snapshots[1:],  # after each micro-step
+                    "other_unchanged": all(
+                        torch.equal(v, named_params({other: trainer.models[other]})[k]) for k, v in before.items()
+                    ),
+                    "other_state_unchanged": same_state(state_before, other_group.optimizer.state_dict()),
+                    "other_grads": [n for n, p in trainer.models[other].named_parameters() if p.grad is not None],
+                }
+            )
+    return {"log": log}
+
+
+def same_state(a, b) -> bool:
+    """Deep equality of optimizer state dicts (tensors compared exactly)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b, strict=True))
+    return a == b

@@ -62,11 +62,18 @@ class UpdateResult:
 
 
 def sync_context(accelerator: Accelerator, models: Sequence[nn.Module], sync: bool) -> contextlib.ExitStack:
-    """Enter Accelerate's `no_sync` for every model unless this pass must synchronise."""
+    """Enter `no_sync` for every model unless this pass must synchronise.
+
+    Accelerate's `no_sync` covers DDP, FSDP2 and DeepSpeed, but is a no-op for a single process
+    even when it wrapped the model in DDP (a distributed launch with one process): then a second
+    loss term of a micro-step would start a new DDP iteration before the first one reduced. A DDP
+    model therefore gets its own `no_sync`.
+    """
     stack = contextlib.ExitStack()
     if not sync:
         for model in models:
-            stack.enter_context(accelerator.no_sync(model))
+            ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+            stack.enter_context(model.no_sync() if ddp else accelerator.no_sync(model))
     return stack
 
 

@@ -88,6 +88,29 @@ class ClassifierConfig:
 
 
 @dataclass
+class GANConfig:
+    dataset: str = opt("ring", "real data: 'ring' (8 Gaussians on a circle) or 'grid' (5x5 Gaussians)")
+    num_train: int = opt(16_384, "real training samples, generated from the seed")
+    num_eval: int = opt(2_500, "generated samples scored at evaluation")
+    z_dim: int = opt(16, "latent size")
+    hidden: int = opt(256, "hidden width of both networks")
+    layers: int = opt(3, "hidden layers of both networks")
+    loss: str = opt("nonsaturating", "adversarial loss: nonsaturating or hinge")
+    d_steps: int = opt(1, "discriminator updates per generator update")
+    r1_gamma: float = opt(0.05, "R1 penalty weight on real data; 0 turns it off")
+    r1_every: int = opt(4, "apply R1 lazily, every N discriminator updates (weighted by N)")
+    ema_decay: float = opt(0.999, "decay of the moving average of G's weights used for evaluation; 0 turns it off")
+    min_modes: int = opt(0, "modes the run is expected to cover; 0 means all of them")
+    min_high_quality: float = opt(0.9, "share of high-quality samples the run is expected to reach")
+    generator: OptimizerConfig = section(
+        lambda: OptimizerConfig(lr=2e-4, beta1=0.5, beta2=0.99, clip_grad_norm=0.0), "generator optimizer"
+    )
+    discriminator: OptimizerConfig = section(
+        lambda: OptimizerConfig(lr=2e-4, beta1=0.5, beta2=0.99, clip_grad_norm=0.0), "discriminator optimizer"
+    )
+
+
+@dataclass
 class Config:
     recipe: str = opt("seq2seq", "what to train: a name from disttrain.recipes")
     seed: int = opt(0, "seeds model initialisation and the data order")
@@ -106,6 +129,7 @@ class Config:
     progress_bar: bool = opt(True, "show a progress bar on the main process")
     seq2seq: Seq2SeqConfig = section(Seq2SeqConfig, "seq2seq recipe")
     classifier: ClassifierConfig = section(ClassifierConfig, "classifier recipe")
+    gan: GANConfig = section(GANConfig, "gan recipe")
 
     def world_size(self) -> int:
         return world_size_from_env()
@@ -301,6 +325,21 @@ def validate(cfg: Config, world_size: int) -> None:
     _at_least("classifier.num_train", c.num_train, 1)
     _at_least("classifier.num_eval", c.num_eval, 1)
     _validate_optimizer("classifier.optimizer", c.optimizer, cfg.steps)
+
+    g = cfg.gan
+    _one_of("gan.dataset", g.dataset, ("ring", "grid"))
+    _one_of("gan.loss", g.loss, ("nonsaturating", "hinge"))
+    _at_least("gan.num_train", g.num_train, 1)
+    _at_least("gan.num_eval", g.num_eval, 1)
+    _at_least("gan.z_dim", g.z_dim, 1)
+    _at_least("gan.layers", g.layers, 1)
+    _at_least("gan.d_steps", g.d_steps, 1)
+    _at_least("gan.r1_gamma", g.r1_gamma, 0)
+    _at_least("gan.r1_every", g.r1_every, 1)
+    if not 0 <= g.ema_decay < 1:
+        raise ConfigError(f"gan.ema_decay={g.ema_decay} must lie in [0, 1)")
+    _validate_optimizer("gan.generator", g.generator, cfg.steps)
+    _validate_optimizer("gan.discriminator", g.discriminator, cfg.steps * g.d_steps)
 
 
 # --------------------------------------------------------------------------- help

@@ -76,6 +76,7 @@ class Trainer:
         self.groups = self.recipe.groups
         self.sampler = WindowSampler(self.recipe.num_train, cfg.global_batch_size, cfg.micro_batch_size, cfg.seed)
         self.run_dir = self._make_run_dir()
+        self.recipe.run_dir = self.run_dir
         self.overflow_steps = 0
 
     # ------------------------------------------------------------------ one optimizer step

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
 RECIPES = {
     "seq2seq": "disttrain.recipes.seq2seq",
     "classifier": "disttrain.recipes.classifier",
+    "gan": "disttrain.recipes.gan",
 }
 
 

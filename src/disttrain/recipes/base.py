@@ -51,6 +51,7 @@ class Recipe(ABC):
     def __init__(self, models: dict[str, nn.Module], groups: list[OptimizerGroup]):
         self.models = models
         self.groups = groups
+        self.run_dir: str | None = None  # set by the trainer, for files an evaluation writes (plots)
 
     @property
     @abstractmethod
@@ -61,13 +62,16 @@ class Recipe(ABC):
     def train_batch(self, indices: list[int]) -> Any:
         """Collate the training samples at `indices` into one micro-batch (on the CPU)."""
 
-    @abstractmethod
+    # A single-phase recipe implements `item_counts` and `losses`; one with several phases (the GAN)
+    # overrides `phases` instead and gives each phase its own.
+
     def item_counts(self, batch: Any) -> dict[str, Any]:
         """Items each loss term sums over in `batch`, without a forward: samples, or valid tokens."""
+        raise NotImplementedError(f"{type(self).__name__} defines neither item_counts nor phases()")
 
-    @abstractmethod
     def losses(self, models: dict[str, nn.Module], batch: Any) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield `(term, loss summed over the batch's items)` for each term, in `terms` order."""
+        raise NotImplementedError(f"{type(self).__name__} defines neither losses nor phases()")
 
     @abstractmethod
     def evaluate(self, models: dict[str, nn.Module], rank: int, world_size: int) -> dict[str, torch.Tensor]:
