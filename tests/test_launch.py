@@ -22,8 +22,10 @@ pytestmark = pytest.mark.slow
 
 
 def launch(args: list[str], *train_args: str) -> subprocess.CompletedProcess:
+    """Run train.py under `args` (a launcher, or just python); debug.yaml unless a config is given."""
+    config = [] if any(a.startswith("config=") for a in train_args) else ["config=configs/debug.yaml"]
     result = subprocess.run(
-        [*args, "train.py", "config=configs/debug.yaml", *train_args],
+        [*args, "train.py", *config, *train_args],
         cwd=REPO,
         capture_output=True,
         text=True,

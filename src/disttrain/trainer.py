@@ -191,7 +191,7 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """The recipe's metrics on held-out data, each process scoring its share."""
-        models = {k: self.accelerator.unwrap_model(m) for k, m in self.models.items()}
+        models = self.recipe.models  # the modules inside the DDP wrappers: no collective in evaluation
         for m in models.values():
             m.eval()
         parts = self.recipe.evaluate(models, self.rank, self.world_size)
@@ -204,14 +204,11 @@ class Trainer:
         """Full weights of each model as `<name>.safetensors`, written aside then renamed."""
         self.accelerator.wait_for_everyone()
         paths = []
-        for name, model in self.models.items():
+        for name, model in self.recipe.exported_models().items():  # the recipe's modules: unwrapped
             path = os.path.join(self.run_dir, f"{name}.safetensors")
             paths.append(path)
             if self.accelerator.is_main_process:
-                state = {
-                    k: v.detach().cpu().contiguous()
-                    for k, v in self.accelerator.unwrap_model(model).state_dict().items()
-                }
+                state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
                 save_file(state, path + ".tmp")
                 os.replace(path + ".tmp", path)
         self.accelerator.wait_for_everyone()

@@ -95,6 +95,10 @@ class Recipe(ABC):
             )
         ]
 
+    def exported_models(self) -> dict[str, nn.Module]:
+        """The weights written at the end of a run, one safetensors file each."""
+        return self.models
+
     def data_steps(self, steps: int) -> int:
         """Global batches of data that `steps` optimizer steps consume."""
         return steps

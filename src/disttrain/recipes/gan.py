@@ -185,6 +185,10 @@ class GANRecipe(Recipe):
         loss = -logits if self.cfg.loss == "hinge" else F.softplus(-logits)
         yield "g_loss", loss.sum()
 
+    def exported_models(self) -> dict[str, nn.Module]:
+        ema = {} if self.ema is self.models["generator"] else {"generator_ema": self.ema}
+        return {**self.models, **ema}
+
     @torch.no_grad()
     def update_ema(self) -> None:
         if self.ema is self.models["generator"]:
