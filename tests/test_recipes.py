@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -74,3 +75,17 @@ def test_classifier_learns(tmp_path):
     assert metrics["accuracy"] > max(0.85, before + 0.3)
     assert (tmp_path / trainer.run_dir.split("/")[-1] / "model.safetensors").exists()
     assert torch.isfinite(torch.tensor(metrics["accuracy"]))
+
+
+@pytest.mark.parametrize(("dataset", "modes"), [("ring", 8), ("grid", 25)])
+def test_gan_scores_coverage_and_quality(dataset, modes):
+    from disttrain.recipes.gan import STD, mode_centers, sample_mixture, score_samples
+
+    g = torch.Generator().manual_seed(0)
+    real = sample_mixture(dataset, 5000, g)
+    # Real samples score 1 - exp(-9/2): the distance of a 2-D Gaussian sample is Rayleigh distributed.
+    assert score_samples(real, dataset) == (modes, pytest.approx(1 - math.exp(-4.5), abs=0.005))
+    collapsed = mode_centers(dataset)[0] + STD[dataset] * torch.randn(5000, 2, generator=g)
+    assert score_samples(collapsed, dataset)[0] == 1
+    between = (mode_centers(dataset)[:1] + mode_centers(dataset)[1:2]) / 2 + torch.zeros(5000, 2)
+    assert score_samples(between, dataset) == (0, 0.0)
