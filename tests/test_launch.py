@@ -21,17 +21,20 @@ ACCELERATE = os.path.join(os.path.dirname(sys.executable), "accelerate")
 pytestmark = pytest.mark.slow
 
 
-def launch(args: list[str], *train_args: str) -> subprocess.CompletedProcess:
+def launch(args: list[str], *train_args: str, timeout: float = 150) -> subprocess.CompletedProcess:
     """Run train.py under `args` (a launcher, or just python); debug.yaml unless a config is given."""
     config = [] if any(a.startswith("config=") for a in train_args) else ["config=configs/debug.yaml"]
-    result = subprocess.run(
-        [*args, "train.py", *config, *train_args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    try:
+        result = subprocess.run(
+            [*args, "train.py", *config, *train_args],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"no result after {timeout}s; output so far:\n{e.stdout}\n{e.stderr}") from e
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 

@@ -97,16 +97,16 @@ class GANConfig:
     layers: int = opt(3, "hidden layers of both networks")
     loss: str = opt("nonsaturating", "adversarial loss: nonsaturating or hinge")
     d_steps: int = opt(1, "discriminator updates per generator update")
-    r1_gamma: float = opt(0.05, "R1 penalty weight on real data; 0 turns it off")
+    r1_gamma: float = opt(1.0, "R1 penalty weight on real data; 0 turns it off")
     r1_every: int = opt(4, "apply R1 lazily, every N discriminator updates (weighted by N)")
-    ema_decay: float = opt(0.999, "decay of the moving average of G's weights used for evaluation; 0 turns it off")
+    ema_decay: float = opt(0.99, "decay of the moving average of G's weights used for evaluation; 0 turns it off")
     min_modes: int = opt(0, "modes the run is expected to cover; 0 means all of them")
     min_high_quality: float = opt(0.9, "share of high-quality samples the run is expected to reach")
     generator: OptimizerConfig = section(
-        lambda: OptimizerConfig(lr=2e-4, beta1=0.5, beta2=0.99, clip_grad_norm=0.0), "generator optimizer"
+        lambda: OptimizerConfig(lr=2e-3, beta1=0.5, beta2=0.99, clip_grad_norm=0.0), "generator optimizer"
     )
     discriminator: OptimizerConfig = section(
-        lambda: OptimizerConfig(lr=2e-4, beta1=0.5, beta2=0.99, clip_grad_norm=0.0), "discriminator optimizer"
+        lambda: OptimizerConfig(lr=2e-3, beta1=0.5, beta2=0.99, clip_grad_norm=0.0), "discriminator optimizer"
     )
 
 
