@@ -67,7 +67,7 @@ RECIPES = {
 
 
 def case_config(
-    recipe: str, window: str, world_size: int, accumulation: int, output_dir: str, steps: int = 3
+    recipe: str, window: str, world_size: int, accumulation: int, output_dir: str, steps: int = 3, *extra: str
 ) -> Config:
     micro = GLOBAL_BATCH // (world_size * accumulation)
     num_train = WINDOWS[window]
@@ -81,5 +81,6 @@ def case_config(
         f"output_dir={output_dir}",
         f"run_name={recipe}-{window}-w{world_size}-a{accumulation}",
         "progress_bar=false",
+        *extra,
     ]
     return load_config(args, world_size=world_size)

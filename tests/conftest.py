@@ -3,6 +3,10 @@ import os
 import pytest
 
 os.environ.setdefault("WANDB_MODE", "disabled")
+# DeepSpeed compiles a C++ op on first use (30-80 s): build it once per checkout, not per test.
+os.environ.setdefault(
+    "TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(os.path.dirname(__file__)), ".cache", "torch_extensions")
+)
 # Launchers and torch write scratch files under TMPDIR; keep them out of the shared /tmp.
 
 

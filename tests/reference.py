@@ -43,8 +43,11 @@ def whole_batch_loss(cfg: Config, models: dict[str, nn.Module], batch) -> torch.
     return loss
 
 
-def reference_run(cfg: Config, steps: int) -> dict:
-    """Gradients before each step and parameters after `steps` steps, on one process in float64."""
+def reference_run(cfg: Config, steps: int, clip_per_model: bool = False) -> dict:
+    """Gradients before each step and parameters after `steps` steps, on one process in float64.
+
+    `clip_per_model` clips all optimizers of a model by one global norm, as DeepSpeed does.
+    """
     set_seed(cfg.seed)
     recipe = build_recipe(cfg)
     to_float64(recipe)
@@ -54,8 +57,15 @@ def reference_run(cfg: Config, steps: int) -> dict:
         batch = recipe.train_batch(sampler.global_batch(step))
         whole_batch_loss(cfg, recipe.models, batch).backward()
         grads.append(named_grads(recipe.models))
+        if clip_per_model and recipe.groups[0].clip_grad_norm > 0:
+            for model in recipe.models.values():
+                torch.nn.utils.clip_grad_norm_(list(model.parameters()), recipe.groups[0].clip_grad_norm)
         for g in recipe.groups:
-            step_group(g)
+            if clip_per_model:
+                g.optimizer.step()
+                g.scheduler.step()
+            else:
+                step_group(g)
         for model in recipe.models.values():
             model.zero_grad(set_to_none=True)
     return {"grads": grads, "params": named_params(recipe.models)}

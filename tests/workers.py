@@ -15,11 +15,14 @@ from tests.cases import case_config
 from tests.reference import named_grads, named_params, to_float64
 
 
-def make_trainer(recipe: str, window: str, accumulation: int, output_dir: str, steps: int = 3) -> Trainer:
-    cfg = case_config(recipe, window, world_size_from_env(), accumulation, output_dir, steps)
+def make_trainer(
+    recipe: str, window: str, accumulation: int, output_dir: str, steps: int = 3, *extra: str, float64: bool = True
+) -> Trainer:
+    cfg = case_config(recipe, window, world_size_from_env(), accumulation, output_dir, steps, *extra)
     set_seed(cfg.seed)
     built = build_recipe(cfg)
-    to_float64(built)
+    if float64:
+        to_float64(built)
     return Trainer(cfg, built)
 
 
@@ -187,3 +190,36 @@ def same_state(a, b) -> bool:
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b, strict=True))
     return a == b
+
+
+def run_engine_cases(cases: list[tuple[str, str, int, str]], output_dir: str, steps: int = 3) -> dict:
+    """Train each (recipe, window, accumulation, engine) case in float32, where engine is "ddp" or a
+    DeepSpeed JSON; keep the final weights (ZeRO keeps gradients in its own partitions)."""
+    from disttrain.engine import gathered
+
+    out = {}
+    for recipe, window, accumulation, engine in cases:
+        extra = [*DEEPSPEED_CASE[recipe], *([] if engine == "ddp" else [f"deepspeed={engine}"])]
+        trainer = make_trainer(recipe, window, accumulation, output_dir, steps, *extra, float64=False)
+        for step in range(steps):
+            trainer.train_step(step)
+        exported = trainer.recipe.exported_models()
+        params = {}
+        for name, model in exported.items():
+            with gathered(model):
+                params.update(named_params({name: model}))
+        out[(recipe, window, accumulation, engine)] = params
+    return out
+
+
+# DeepSpeed runs one optimizer (and one clip threshold) per model: the seq2seq case uses one class
+# and one threshold for encoder and decoder, and SGD everywhere keeps float32 comparisons tight.
+DEEPSPEED_CASE = {
+    "classifier": [],
+    "seq2seq": [
+        f"seq2seq.{part}.{key}"
+        for part in ("encoder", "decoder")
+        for key in ("name=sgd", "momentum=0.9", "clip_grad_norm=0.3")
+    ],
+    "gan": ["gan.generator.name=sgd", "gan.generator.momentum=0.9", "gan.generator.lr=0.05"],
+}

@@ -70,11 +70,27 @@ def sync_context(accelerator: Accelerator, models: Sequence[nn.Module], sync: bo
     model therefore gets its own `no_sync`.
     """
     stack = contextlib.ExitStack()
-    if not sync:
-        for model in models:
+    for model in models:
+        if is_deepspeed_engine(model):
+            # The engine reduces (ZeRO 1) or steps only at a boundary it is told of; its own count
+            # of micro-steps is switched off (gradient_accumulation_steps 1).
+            model.set_gradient_accumulation_boundary(sync)
+        elif not sync:
             ddp = isinstance(model, nn.parallel.DistributedDataParallel)
             stack.enter_context(model.no_sync() if ddp else accelerator.no_sync(model))
     return stack
+
+
+def is_deepspeed_engine(model: nn.Module) -> bool:
+    return hasattr(model, "set_gradient_accumulation_boundary")
+
+
+def backward(accelerator: Accelerator, models: Sequence[nn.Module], loss: torch.Tensor) -> None:
+    engines = [m for m in models if is_deepspeed_engine(m)]
+    if engines:  # one trained engine per window (the trainer checks): it runs the backward
+        engines[0].backward(loss, scale_wrt_gas=False)
+    else:
+        accelerator.backward(loss)
 
 
 def accumulate_window(
@@ -111,7 +127,7 @@ def accumulate_window(
                 name, loss = next(stream)
                 if name != term:
                     raise RuntimeError(f"the recipe yielded loss '{name}' where '{term}' was expected (order: {terms})")
-                accelerator.backward(loss * weights[j].to(loss.dtype))
+                backward(accelerator, models, loss * weights[j].to(loss.dtype))
             loss_sums[j] += 0.0 if mb.stand_in else loss.detach().double()
         if next(stream, None) is not None:
             raise RuntimeError(f"the recipe yielded more losses than its terms {tuple(terms)}")
@@ -122,6 +138,8 @@ def apply_update(
     accelerator: Accelerator, groups: Sequence[OptimizerGroup], models: Sequence[nn.Module]
 ) -> UpdateResult:
     """At the boundary: unscale once (fp16), clip each group, step every optimizer and schedule, zero."""
+    if any(is_deepspeed_engine(m) for m in models):
+        return _engine_update(groups, models)
     scaler = accelerator.scaler
     if scaler is not None:
         for g in groups:
@@ -153,3 +171,18 @@ def apply_update(
 
 def _unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return getattr(optimizer, "optimizer", optimizer)  # AcceleratedOptimizer keeps the torch one here
+
+
+def _engine_update(groups: Sequence[OptimizerGroup], engines: Sequence[nn.Module]) -> UpdateResult:
+    """DeepSpeed: each engine unscales, clips (one global norm), steps and zeroes; we step the schedules."""
+    skipped_before = [e.skipped_steps for e in engines]
+    for engine in engines:
+        engine.step()
+    skipped = any(e.skipped_steps != s for e, s in zip(engines, skipped_before, strict=True))
+    if not skipped:
+        for g in groups:
+            g.scheduler.step()
+    norms = {
+        g.name: torch.as_tensor(float(e.get_global_grad_norm() or 0.0)) for g, e in zip(groups, engines, strict=True)
+    }
+    return UpdateResult(grad_norms=norms, skipped=skipped)

@@ -121,6 +121,9 @@ class Config:
     lr_scaling: str = opt("none", f"learning-rate rule when the global batch differs: {', '.join(LR_SCALINGS)}")
     mixed_precision: str = opt("no", f"{', '.join(MIXED_PRECISIONS)} (fp16 uses loss scaling and needs a GPU)")
     sync_batchnorm: bool = opt(False, "convert BatchNorm layers to SyncBatchNorm when running on several processes")
+    deepspeed: str = opt(
+        "", "DeepSpeed JSON (configs/deepspeed/*.json); `accelerate launch` with a DeepSpeed config file sets it"
+    )
     eval_every: int = opt(0, "evaluate every N optimizer steps; 0 evaluates at the end only")
     log_every: int = opt(25, "report the global loss every N optimizer steps")
     output_dir: str = opt("runs", "parent of run directories")
@@ -326,6 +329,8 @@ def validate(cfg: Config, world_size: int) -> None:
     _at_least("classifier.num_eval", c.num_eval, 1)
     _validate_optimizer("classifier.optimizer", c.optimizer, cfg.steps)
 
+    _validate_deepspeed(cfg, world_size)
+
     g = cfg.gan
     _one_of("gan.dataset", g.dataset, ("ring", "grid"))
     _one_of("gan.loss", g.loss, ("nonsaturating", "hinge"))
@@ -340,6 +345,34 @@ def validate(cfg: Config, world_size: int) -> None:
         raise ConfigError(f"gan.ema_decay={g.ema_decay} must lie in [0, 1)")
     _validate_optimizer("gan.generator", g.generator, cfg.steps)
     _validate_optimizer("gan.discriminator", g.discriminator, cfg.steps * g.d_steps)
+
+
+def _validate_deepspeed(cfg: Config, world_size: int) -> None:
+    from disttrain.deepspeed_config import check_against_run, deepspeed_config_path, load_user_config
+
+    path = deepspeed_config_path(cfg)
+    if not path:
+        return
+    check_against_run(load_user_config(path), path, cfg, world_size)
+    if cfg.recipe == "gan" and cfg.gan.r1_gamma > 0:
+        raise ConfigError(
+            "gan.r1_gamma>0 is not supported under DeepSpeed yet (its backward hooks fire on R1's "
+            "input-gradient pass); set gan.r1_gamma=0 or train the GAN on the DDP path"
+        )
+    if cfg.recipe == "seq2seq":
+        # DeepSpeed runs one optimizer per model: encoder and decoder become two parameter groups
+        # of it (own learning rate, weight decay, schedule), clipped together by one global norm.
+        e, d = cfg.seq2seq.encoder, cfg.seq2seq.decoder
+        if e.name != d.name:
+            raise ConfigError(
+                f"DeepSpeed runs one optimizer per model: seq2seq.encoder.name={e.name} and "
+                f"seq2seq.decoder.name={d.name} cannot share it; use one optimizer class for both"
+            )
+        if e.clip_grad_norm != d.clip_grad_norm:
+            raise ConfigError(
+                f"DeepSpeed clips one global norm per model: seq2seq.encoder.clip_grad_norm={e.clip_grad_norm} "
+                f"and seq2seq.decoder.clip_grad_norm={d.clip_grad_norm} differ; set them equal"
+            )
 
 
 # --------------------------------------------------------------------------- help

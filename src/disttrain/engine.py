@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, GradientAccumulationPlugin
+from torch import nn
 
+from disttrain.accumulation import OptimizerGroup
 from disttrain.config import Config, ConfigError
+from disttrain.deepspeed_config import deepspeed_config_path, engine_config, load_user_config
 
 
 def check_launcher_env(cfg: Config) -> None:
@@ -45,10 +50,74 @@ def build_accelerator(cfg: Config, find_unused_parameters: bool = False) -> Acce
     Accelerate's own accumulation divides by a fixed count and its prepared schedulers step once
     per process: both would make the update depend on the world size, so neither is used.
     """
+    if deepspeed_config_path(cfg):
+        # DeepSpeed engines are built by us (one per model); Accelerate only runs the process group.
+        # Its own DeepSpeed mode would take over backward and step, divide by its count, and
+        # refuse a second model.
+        os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
     return Accelerator(
         cpu=not torch.cuda.is_available(),
-        mixed_precision=cfg.mixed_precision,
+        mixed_precision="no" if deepspeed_config_path(cfg) else cfg.mixed_precision,
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1),
         step_scheduler_with_optimizer=False,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
     )
+
+
+def build_deepspeed_engines(
+    cfg: Config, models: dict[str, nn.Module], groups: list[OptimizerGroup], world_size: int
+) -> tuple[dict[str, nn.Module], dict[str, OptimizerGroup]]:
+    """One DeepSpeed engine per model; the optimizer groups of a model become parameter groups of
+    its one optimizer (each keeping its learning rate, weight decay and schedule)."""
+    path = deepspeed_config_path(cfg)
+    user = load_user_config(path)
+    _announce_op_build()
+    import deepspeed
+
+    if not torch.distributed.is_initialized():  # one plain process: DeepSpeed would look for MPI
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ.setdefault("MASTER_PORT", str(s.getsockname()[1]))
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, rank=0, world_size=1)
+    # Which optimizer groups belong to which model, decided before any engine exists: ZeRO 3
+    # replaces the tensors in an optimizer's groups when it builds that model's engine.
+    owned = {
+        name: [g for g in groups if {id(p) for p in g.params} <= {id(p) for p in model.parameters()}]
+        for name, model in models.items()
+    }
+    engines, merged = {}, {}
+    for name, model in models.items():
+        own = owned[name]
+        optimizer = type(own[0].optimizer)([pg for g in own for pg in g.optimizer.param_groups])
+        schedule = [fn for g in own for fn in g.scheduler.lr_lambdas]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        config = engine_config(user, cfg, world_size, own[0].clip_grad_norm)
+        engines[name], *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        merged[name] = OptimizerGroup(name, optimizer, scheduler, own[0].clip_grad_norm)
+    return engines, merged
+
+
+def _announce_op_build() -> None:
+    """DeepSpeed compiles a C++ op on its first start on a CPU machine (30-80 s): say so first."""
+    if torch.cuda.is_available():
+        return
+    cache = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.expanduser("~/.cache/torch_extensions")
+    built = any("deepspeed_shm_comm" in d for _, dirs, _ in os.walk(cache) for d in dirs)
+    if not built and os.environ.get("RANK", "0") == "0":
+        print(
+            f"DeepSpeed builds its shared-memory op once (30-80 s on 2 cores), cached in {cache}",
+            flush=True,
+        )
+
+
+def gathered(module: nn.Module) -> contextlib.AbstractContextManager:
+    """Full parameters of a module inside the block, also when ZeRO 3 partitions them (collective)."""
+    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)

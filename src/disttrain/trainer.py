@@ -20,7 +20,14 @@ from tqdm.auto import tqdm
 from disttrain.accumulation import MicroBatch, UpdateResult, WindowResult, accumulate_window, apply_update
 from disttrain.config import Config, lr_multiplier, to_yaml
 from disttrain.data.windows import WindowSampler
-from disttrain.engine import build_accelerator, check_device_support, check_launcher_env
+from disttrain.deepspeed_config import deepspeed_config_path
+from disttrain.engine import (
+    build_accelerator,
+    build_deepspeed_engines,
+    check_device_support,
+    check_launcher_env,
+    gathered,
+)
 from disttrain.recipes import build_recipe
 from disttrain.recipes.base import Phase, Recipe
 
@@ -60,6 +67,7 @@ class Trainer:
         """Build recipe, engine and run directory. A prepared `recipe` may be passed (tests do)."""
         check_launcher_env(cfg)
         check_device_support(cfg, cfg.world_size())
+        cfg.deepspeed = deepspeed_config_path(cfg)  # resolved once: the launcher's variable is consumed below
         self.cfg = cfg
         set_seed(cfg.seed)  # identical initialisation on every process
         self.recipe = recipe or build_recipe(cfg)
@@ -70,10 +78,16 @@ class Trainer:
         self._warn_batchnorm()
         if cfg.sync_batchnorm and self.world_size > 1:
             self.recipe.models = {k: nn.SyncBatchNorm.convert_sync_batchnorm(m) for k, m in self.recipe.models.items()}
-        self.models = {name: acc.prepare_model(m) for name, m in self.recipe.models.items()}
-        for group in self.recipe.groups:
-            group.optimizer = acc.prepare_optimizer(group.optimizer)
-        self.groups = self.recipe.groups
+        if cfg.deepspeed:
+            self.models, self.engine_groups = build_deepspeed_engines(
+                cfg, self.recipe.models, self.recipe.groups, self.world_size
+            )
+            self.groups = list(self.engine_groups.values())
+        else:
+            self.models = {name: acc.prepare_model(m) for name, m in self.recipe.models.items()}
+            for group in self.recipe.groups:
+                group.optimizer = acc.prepare_optimizer(group.optimizer)
+            self.groups = self.recipe.groups
         self.sampler = WindowSampler(self.recipe.num_train, cfg.global_batch_size, cfg.micro_batch_size, cfg.seed)
         self.run_dir = self._make_run_dir()
         self.recipe.run_dir = self.run_dir
@@ -92,6 +106,8 @@ class Trainer:
 
     def backward_window(self, phase: Phase) -> WindowResult:
         """Forward and backward this process's micro-batches of `phase`; its gradients are then exact."""
+        if self.cfg.deepspeed and len(phase.models) != 1:
+            raise RuntimeError(f"phase '{phase.name}' trains {phase.models}: under DeepSpeed a phase trains one model")
         device = self.accelerator.device
         micro_batches = [
             MicroBatch(send_to_device(phase.make_batch(p), device), p.stand_in)
@@ -110,7 +126,8 @@ class Trainer:
         return window
 
     def optimizer_step(self, phase: Phase) -> UpdateResult:
-        update = apply_update(self.accelerator, phase.groups, [self.models[name] for name in phase.models])
+        groups = [self.engine_groups[name] for name in phase.models] if self.cfg.deepspeed else phase.groups
+        update = apply_update(self.accelerator, groups, [self.models[name] for name in phase.models])
         self.overflow_steps += update.skipped
         if phase.after_update is not None and not update.skipped:
             phase.after_update()
@@ -191,12 +208,14 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """The recipe's metrics on held-out data, each process scoring its share."""
-        models = self.recipe.models  # the modules inside the DDP wrappers: no collective in evaluation
-        for m in models.values():
-            m.eval()
-        parts = self.recipe.evaluate(models, self.rank, self.world_size)
-        for m in models.values():
-            m.train()
+        models = self.recipe.models  # the modules inside the wrappers: no collective in evaluation
+        with contextlib.ExitStack() as full:
+            for m in models.values():
+                full.enter_context(gathered(m))  # ZeRO 3: whole weights, so processes may differ in work
+                m.eval()
+            parts = self.recipe.evaluate(models, self.rank, self.world_size)
+            for m in models.values():
+                m.train()
         totals = {k: self.accelerator.reduce(v, reduction="sum") for k, v in parts.items()}
         return {k: float(v[0] / v[1]) for k, v in totals.items()}
 
@@ -207,10 +226,11 @@ class Trainer:
         for name, model in self.recipe.exported_models().items():  # the recipe's modules: unwrapped
             path = os.path.join(self.run_dir, f"{name}.safetensors")
             paths.append(path)
-            if self.accelerator.is_main_process:
-                state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-                save_file(state, path + ".tmp")
-                os.replace(path + ".tmp", path)
+            with gathered(model):
+                if self.accelerator.is_main_process:
+                    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+                    save_file(state, path + ".tmp")
+                    os.replace(path + ".tmp", path)
         self.accelerator.wait_for_everyone()
         return paths
 

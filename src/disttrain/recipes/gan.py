@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from disttrain.config import Config, lr_multiplier
+from disttrain.engine import gathered
 from disttrain.optim import build_group
 from disttrain.recipes.base import Phase, Recipe
 
@@ -194,9 +195,10 @@ class GANRecipe(Recipe):
         if self.ema is self.models["generator"]:
             return
         live = self.models["generator"]
-        if next(self.ema.parameters()).device != next(live.parameters()).device:
-            self.ema.to(next(live.parameters()).device)
-        torch._foreach_lerp_(list(self.ema.parameters()), list(live.parameters()), 1.0 - self.cfg.ema_decay)
+        with gathered(live):  # ZeRO 3 partitions the live weights
+            if next(self.ema.parameters()).device != next(live.parameters()).device:
+                self.ema.to(next(live.parameters()).device)
+            torch._foreach_lerp_(list(self.ema.parameters()), list(live.parameters()), 1.0 - self.cfg.ema_decay)
 
     # ------------------------------------------------------------------ evaluation
 
