@@ -20,7 +20,7 @@ from tests.workers import DEEPSPEED_CASE, run_engine_cases
 
 pytestmark = pytest.mark.slow
 
-STAGES = [f"configs/deepspeed/zero{s}.json" for s in (1, 2, 3)]
+STAGES = [f"configs/deepspeed/zero{s}.json" for s in ("1", "2", "3", "2_offload", "3_offload")]
 RECIPES = ("classifier", "seq2seq", "gan")
 CASES = [(r, "short", a, e) for r, a, e in itertools.product(RECIPES, (1, 4), STAGES)]
 PARITY = [(r, "short", 4, "ddp") for r in ("classifier", "gan")]
@@ -119,3 +119,28 @@ def test_accelerate_launch_with_a_deepspeed_config_matches_one_ddp_process(tmp_p
     a, b = load_file(runs / "zero2" / "seq2seq.safetensors"), load_file(runs / "ddp" / "seq2seq.safetensors")
     for name in b:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("stage", ["configs/deepspeed/zero2.json", "configs/deepspeed/zero3.json"])
+def test_a_deepspeed_checkpoint_becomes_one_safetensors_file(tmp_path, stage):
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+
+    from tests.workers import save_deepspeed_checkpoint
+
+    trained = run_distributed(save_deepspeed_checkpoint, 2, stage, str(tmp_path))[0]
+    out = tmp_path / "weights.safetensors"
+    done = subprocess.run(
+        [sys.executable, "-m", "disttrain.export", str(tmp_path / "checkpoint"), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    exported = load_file(out)
+    assert {f"model.{k}" for k in exported} == trained.keys()
+    for name, value in exported.items():
+        torch.testing.assert_close(value, trained[f"model.{name}"], rtol=0, atol=0)

@@ -223,3 +223,15 @@ DEEPSPEED_CASE = {
     ],
     "gan": ["gan.generator.name=sgd", "gan.generator.momentum=0.9", "gan.generator.lr=0.05"],
 }
+
+
+def save_deepspeed_checkpoint(engine_config: str, output_dir: str) -> dict:
+    """Train the classifier two steps under DeepSpeed, save a checkpoint, return the full weights."""
+    from disttrain.engine import gathered
+
+    trainer = make_trainer("classifier", "short", 2, output_dir, 2, f"deepspeed={engine_config}", float64=False)
+    for step in range(2):
+        trainer.train_step(step)
+    trainer.models["model"].save_checkpoint(f"{output_dir}/checkpoint")
+    with gathered(trainer.recipe.models["model"]):
+        return named_params({"model": trainer.recipe.models["model"]})

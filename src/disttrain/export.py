@@ -1,0 +1,38 @@
+"""Turn a DeepSpeed checkpoint (any ZeRO stage, any number of processes) into one safetensors file
+of full float32 weights, on one CPU process:
+
+    python -m disttrain.export CHECKPOINT_DIR OUT.safetensors [--tag TAG]
+
+CHECKPOINT_DIR is the directory given to `engine.save_checkpoint` (it holds `latest` and one folder
+per tag). The file is written aside and renamed, so a reader never sees half of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def export_checkpoint(checkpoint_dir: str, out: str, tag: str | None = None) -> int:
+    """Write the checkpoint's full weights to `out`; returns the number of tensors."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import save_file
+
+    state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
+    save_file({k: v.contiguous() for k, v in state.items()}, out + ".tmp")
+    os.replace(out + ".tmp", out)
+    return len(state)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m disttrain.export", description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint_dir")
+    parser.add_argument("out")
+    parser.add_argument("--tag", default=None, help="checkpoint tag; default: the one named in `latest`")
+    args = parser.parse_args(argv)
+    count = export_checkpoint(args.checkpoint_dir, args.out, args.tag)
+    print(f"wrote {count} tensors to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
