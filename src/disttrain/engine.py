@@ -13,7 +13,7 @@ from torch import nn
 
 from disttrain.accumulation import OptimizerGroup
 from disttrain.config import Config, ConfigError
-from disttrain.deepspeed_config import deepspeed_config_path, engine_config, load_user_config
+from disttrain.deepspeed_config import engine_config, load_user_config
 
 
 def check_launcher_env(cfg: Config) -> None:
@@ -50,14 +50,14 @@ def build_accelerator(cfg: Config, find_unused_parameters: bool = False) -> Acce
     Accelerate's own accumulation divides by a fixed count and its prepared schedulers step once
     per process: both would make the update depend on the world size, so neither is used.
     """
-    if deepspeed_config_path(cfg):
+    if cfg.deepspeed:  # resolved by the trainer from `deepspeed=` or the launcher's variables
         # DeepSpeed engines are built by us (one per model); Accelerate only runs the process group.
         # Its own DeepSpeed mode would take over backward and step, divide by its count, and
         # refuse a second model.
         os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
     return Accelerator(
         cpu=not torch.cuda.is_available(),
-        mixed_precision="no" if deepspeed_config_path(cfg) else cfg.mixed_precision,
+        mixed_precision="no" if cfg.deepspeed else cfg.mixed_precision,  # DeepSpeed casts itself
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1),
         step_scheduler_with_optimizer=False,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
@@ -69,8 +69,7 @@ def build_deepspeed_engines(
 ) -> tuple[dict[str, nn.Module], dict[str, OptimizerGroup]]:
     """One DeepSpeed engine per model; the optimizer groups of a model become parameter groups of
     its one optimizer (each keeping its learning rate, weight decay and schedule)."""
-    path = deepspeed_config_path(cfg)
-    user = load_user_config(path)
+    user = load_user_config(cfg.deepspeed)
     _announce_op_build()
     import deepspeed
 
