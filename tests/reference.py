@@ -113,7 +113,7 @@ def gan_reference_run(cfg: Config, steps: int) -> dict:
         with torch.no_grad():
             for e, p in zip(ema.parameters(), G.parameters(), strict=True):
                 e.mul_(g.ema_decay).add_((1 - g.ema_decay) * p)
-    return {"grads": grads, "params": {**named_params(recipe.models), **named_params({"ema": ema})}}
+    return {"grads": grads, "params": {**named_params(recipe.models), **named_params({"generator_ema": ema})}}
 
 
 def noise(recipe, data_step: int, phase: int, count: int) -> torch.Tensor:

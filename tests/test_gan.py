@@ -14,7 +14,7 @@ from tests.cases import GAN_RECIPES, case_config
 from tests.dist import run_distributed
 from tests.reference import gan_reference_run
 from tests.test_equivalence import assert_same
-from tests.workers import run_gan_cases, watch_gan_phases
+from tests.workers import run_cases, watch_gan_phases
 
 WORLDS = (1, 2, 4)
 ACCUMULATIONS = (1, 2, 4)
@@ -25,7 +25,7 @@ CASES = list(itertools.product(GAN_RECIPES, ("full", "short", "tiny"), ACCUMULAT
 @functools.cache
 def distributed(world_size: int) -> dict:
     with tempfile.TemporaryDirectory() as out:
-        return run_distributed(run_gan_cases, world_size, CASES, out, STEPS)
+        return run_distributed(run_cases, world_size, CASES, out, STEPS)
 
 
 @functools.cache

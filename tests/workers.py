@@ -27,35 +27,30 @@ def make_trainer(
 
 
 def run_cases(cases: list[tuple[str, str, int]], output_dir: str, steps: int = 3) -> dict:
-    """Train each (recipe, window, accumulation) case; keep boundary gradients and final parameters."""
+    """Train each (recipe, window, accumulation) case; keep the gradients at every phase boundary,
+    the items this process saw in each window, and the final exported weights (EMA included)."""
     out = {}
     for recipe, window, accumulation in cases:
         trainer = make_trainer(recipe, window, accumulation, output_dir, steps)
-        grads, tokens = [], []
+        grads, items = [], []
         for step in range(steps):
-            phase = trainer.recipe.phases(step)[0]
-            result = trainer.backward_window(phase)
-            grads.append(named_grads(trainer.models))
-            tokens.append(local_items(trainer, step))
-            assert result.counts.shape == (len(trainer.recipe.terms),)
-            trainer.optimizer_step(phase)
-            leftover = [
-                n for n, p in trainer.models[next(iter(trainer.models))].named_parameters() if p.grad is not None
-            ]
-            assert not leftover, f"gradients left after the step: {leftover[:3]}"
-        out[(recipe, window, accumulation)] = {
-            "grads": grads,
-            "params": named_params(trainer.models),
-            "items": tokens,
-        }
+            for phase in trainer.recipe.phases(step):
+                result = trainer.backward_window(phase)
+                assert result.counts.shape == (len(phase.terms),)
+                grads.append(named_grads(trainer.models))
+                items.append(local_items(trainer, phase))
+                trainer.optimizer_step(phase)
+                leftover = list(named_grads(trainer.models))
+                assert not leftover, f"gradients left after the {phase.name} step: {leftover[:3]}"
+        params = named_params(trainer.recipe.exported_models())
+        out[(recipe, window, accumulation)] = {"grads": grads, "params": params, "items": items}
     return out
 
 
-def local_items(trainer: Trainer, step: int) -> int:
-    """Items of the last loss term this process saw in `step` (tokens for seq2seq)."""
-    r = trainer.recipe
-    plans = [p for p in trainer.sampler.window(step, trainer.rank, trainer.world_size) if not p.stand_in]
-    return sum(int(r.item_counts(r.train_batch(p.indices))[r.terms[-1]]) for p in plans)
+def local_items(trainer: Trainer, phase) -> int:
+    """Items of the phase's last loss term that this process saw (tokens for seq2seq)."""
+    plans = trainer.sampler.window(phase.data_step, trainer.rank, trainer.world_size)
+    return sum(int(phase.item_counts(phase.make_batch(p))[phase.terms[-1]]) for p in plans if not p.stand_in)
 
 
 def run_naive(recipe: str, window: str, accumulation: int, output_dir: str) -> list[dict]:
@@ -110,22 +105,6 @@ def watch_sync(recipe: str, accumulation: int, output_dir: str) -> dict:
         calls_per_micro_step.append(calls[0])
         trainer.optimizer_step(phase)
     return {"snapshots": snapshots, "calls": calls_per_micro_step}
-
-
-def run_gan_cases(cases: list[tuple[str, str, int]], output_dir: str, steps: int = 3) -> dict:
-    """Train each GAN case; keep each phase's boundary gradients and the final G, D and EMA weights."""
-    out = {}
-    for recipe, window, accumulation in cases:
-        trainer = make_trainer(recipe, window, accumulation, output_dir, steps)
-        grads = []
-        for step in range(steps):
-            for phase in trainer.recipe.phases(step):
-                trainer.backward_window(phase)
-                grads.append(named_grads(trainer.models))
-                trainer.optimizer_step(phase)
-        params = {**named_params(trainer.models), **named_params({"ema": trainer.recipe.ema})}
-        out[(recipe, window, accumulation)] = {"grads": grads, "params": params}
-    return out
 
 
 def watch_gan_phases(accumulation: int, output_dir: str) -> dict:
