@@ -114,7 +114,6 @@ class GANRecipe(Recipe):
 
     def phases(self, step: int) -> list[Phase]:
         g = self.cfg
-        models = self.models  # the raw modules: used where a model takes part without training
         phases = []
         for k in range(g.d_steps):
             data_step = step * g.d_steps + k
@@ -130,7 +129,7 @@ class GANRecipe(Recipe):
                     groups=[self.d_group],
                     terms=("r1", "d_loss") if with_r1 else ("d_loss",),
                     item_counts=lambda batch: {"r1": len(batch["real"]), "d_loss": len(batch["real"])},
-                    losses=lambda trained, batch, with_r1=with_r1: self.d_losses(trained, models, batch, with_r1),
+                    losses=lambda trained, batch, with_r1=with_r1: self.d_losses(trained, batch, with_r1),
                     make_batch=d_batch,
                     data_step=data_step,
                 )
@@ -148,10 +147,10 @@ class GANRecipe(Recipe):
                 groups=[self.g_group],
                 terms=("g_loss",),
                 item_counts=lambda batch: {"g_loss": len(batch["z"])},
-                losses=lambda trained, batch: self.g_losses(trained, models, batch),
+                losses=self.g_losses,
                 make_batch=g_batch,
                 data_step=last,
-                frozen=(models["discriminator"],),
+                frozen=(self.models["discriminator"],),
                 after_update=self.update_ema,
             )
         )
@@ -159,9 +158,10 @@ class GANRecipe(Recipe):
 
     # ------------------------------------------------------------------ losses
 
-    def d_losses(
-        self, trained: dict[str, nn.Module], raw: dict[str, nn.Module], batch: dict, with_r1: bool
-    ) -> Iterator[tuple[str, torch.Tensor]]:
+    # `trained` are the trainer's wrapped models (synchronised); `self.models` the plain modules, used
+    # where a model takes part without training: G making fakes for D, frozen D judging G.
+
+    def d_losses(self, trained: dict[str, nn.Module], batch: dict, with_r1: bool) -> Iterator[tuple[str, torch.Tensor]]:
         d = trained["discriminator"]
         real = batch["real"]
         if with_r1:
@@ -170,7 +170,7 @@ class GANRecipe(Recipe):
             weight = 0.5 * self.cfg.r1_gamma * self.cfg.r1_every  # lazy: rarer, proportionally stronger
             yield "r1", weight * grad.pow(2).sum()
         with torch.no_grad():
-            fake = raw["generator"](batch["z"])
+            fake = self.models["generator"](batch["z"])
         logits = d(torch.cat([real, fake])).squeeze(1)
         real_logits, fake_logits = logits[: len(real)], logits[len(real) :]
         if self.cfg.loss == "hinge":
@@ -179,10 +179,8 @@ class GANRecipe(Recipe):
             loss = F.softplus(-real_logits) + F.softplus(fake_logits)
         yield "d_loss", loss.sum()
 
-    def g_losses(
-        self, trained: dict[str, nn.Module], raw: dict[str, nn.Module], batch: dict
-    ) -> Iterator[tuple[str, torch.Tensor]]:
-        logits = raw["discriminator"](trained["generator"](batch["z"])).squeeze(1)
+    def g_losses(self, trained: dict[str, nn.Module], batch: dict) -> Iterator[tuple[str, torch.Tensor]]:
+        logits = self.models["discriminator"](trained["generator"](batch["z"])).squeeze(1)
         loss = -logits if self.cfg.loss == "hinge" else F.softplus(-logits)
         yield "g_loss", loss.sum()
 
