@@ -1,5 +1,6 @@
 """Train a recipe: `python train.py [config=configs/x.yaml] [key=value ...]`, or the same after `accelerate launch`."""
 
+import os
 import sys
 
 from disttrain.config import main_or_exit
@@ -10,10 +11,16 @@ def main() -> None:
 
     import logging
 
+    from disttrain.checkpoint import CheckpointError
     from disttrain.trainer import Trainer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    trainer = Trainer(cfg)
+    try:
+        trainer = Trainer(cfg)
+    except CheckpointError as e:  # a resume that cannot be: one line, not a traceback per process
+        if os.environ.get("RANK", "0") == "0":
+            print(f"checkpoint error: {e}", file=sys.stderr)
+        sys.exit(2)
     try:
         trainer.fit()
     finally:

@@ -21,6 +21,9 @@ def _own_tmpdir(tmp_path, monkeypatch):
         "LOCAL_RANK",
         "ACCELERATE_MIXED_PRECISION",
         "ACCELERATE_GRADIENT_ACCUMULATION_STEPS",
+        "SLURM_JOB_ID",  # names run directories: a suite run inside a SLURM job must not see its own
+        "SLURM_ARRAY_JOB_ID",
+        "SLURM_ARRAY_TASK_ID",
     ):
         monkeypatch.delenv(var, raising=False)
 

@@ -91,29 +91,30 @@ def test_r1_under_deepspeed_is_refused_until_supported():
 
 def test_accelerate_launch_with_a_deepspeed_config_matches_one_ddp_process(tmp_path):
     import os
-    import sys
 
     import torch
     from safetensors.torch import load_file
 
-    from tests.dist import free_port
-    from tests.test_launch import ACCELERATE, SGD, launch
+    from tests.launcher import PYTHON, accelerate, launch
+    from tests.test_launch import SGD
 
     runs = tmp_path / "runs"
     # Clipping off: DeepSpeed clips one norm per model, the DDP path one per optimizer.
     same = [*SGD, "seq2seq.encoder.clip_grad_norm=0", "seq2seq.decoder.clip_grad_norm=0", f"output_dir={runs}"]
     config = "configs/accelerate/deepspeed_zero2.yaml"
     zero2 = launch(
-        [ACCELERATE, "launch", "--config_file", config, "--main_process_port", str(free_port())],
+        accelerate(config),
         *same,
         "run_name=zero2",
         timeout=300,
     )
-    launch([sys.executable], *same, "run_name=ddp")
+    launch(PYTHON, *same, "run_name=ddp")
     assert "2 process(es) x micro-batch 4 x accumulation 2 = global batch 16" in zero2.stdout
     assert "deepspeed: configs/deepspeed/zero2.json" in (runs / "zero2" / "config.yaml").read_text()
     assert (
-        sorted(os.listdir(runs / "zero2")) == sorted(os.listdir(runs / "ddp")) == ["config.yaml", "seq2seq.safetensors"]
+        sorted(os.listdir(runs / "zero2"))
+        == sorted(os.listdir(runs / "ddp"))
+        == ["checkpoints", "config.yaml", "seq2seq.safetensors"]
     )
     a, b = load_file(runs / "zero2" / "seq2seq.safetensors"), load_file(runs / "ddp" / "seq2seq.safetensors")
     for name in b:

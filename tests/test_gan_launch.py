@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.dist import free_port
-from tests.test_launch import ACCELERATE, launch
+from tests.launcher import PYTHON, accelerate, launch
 
 pytestmark = pytest.mark.slow
 
@@ -31,18 +29,18 @@ GAN = [
 
 def test_gan_two_processes_match_one_process(tmp_path):
     runs = tmp_path / "runs"
-    port = str(free_port())
     two = launch(
-        [ACCELERATE, "launch", "--config_file", "configs/accelerate/ddp.yaml", "--main_process_port", port],
+        accelerate(),
         *GAN,
         f"output_dir={runs}",
         "run_name=two",
     )
-    launch([sys.executable], *GAN, f"output_dir={runs}", "run_name=one")
+    launch(PYTHON, *GAN, f"output_dir={runs}", "run_name=one")
     assert "2 process(es) x micro-batch 8 x accumulation 2 = global batch 32" in two.stdout
     assert "modes covered" in two.stdout and "high-quality samples" in two.stdout
     for run in ("one", "two"):
         assert sorted(os.listdir(runs / run)) == [
+            "checkpoints",
             "config.yaml",
             "discriminator.safetensors",
             "generator.safetensors",

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,30 +11,9 @@ from safetensors.torch import load_file
 
 from disttrain.config import load_config
 from disttrain.recipes.seq2seq import Seq2Seq
-from tests.dist import free_port
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ACCELERATE = os.path.join(os.path.dirname(sys.executable), "accelerate")
+from tests.launcher import PYTHON, REPO, accelerate, launch
 
 pytestmark = pytest.mark.slow
-
-
-def launch(args: list[str], *train_args: str, timeout: float = 150) -> subprocess.CompletedProcess:
-    """Run train.py under `args` (a launcher, or just python); debug.yaml unless a config is given."""
-    config = [] if any(a.startswith("config=") for a in train_args) else ["config=configs/debug.yaml"]
-    try:
-        result = subprocess.run(
-            [*args, "train.py", *config, *train_args],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-    except subprocess.TimeoutExpired as e:
-        raise AssertionError(f"no result after {timeout}s; output so far:\n{e.stdout}\n{e.stderr}") from e
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
 
 
 # SGD keeps float32 rounding at rounding size. Adam would not: a few gradients are zero in exact
@@ -48,19 +25,12 @@ SGD = [f"seq2seq.{part}.{key}" for part in ("encoder", "decoder") for key in ("n
 def test_two_processes_match_one_process(tmp_path):
     runs = tmp_path / "runs"
     two = launch(
-        [
-            ACCELERATE,
-            "launch",
-            "--config_file",
-            "configs/accelerate/ddp.yaml",
-            "--main_process_port",
-            str(free_port()),
-        ],
+        accelerate(),
         f"output_dir={runs}",
         "run_name=two",
         *SGD,
     )
-    one = launch([sys.executable], f"output_dir={runs}", "run_name=one", *SGD)
+    one = launch(PYTHON, f"output_dir={runs}", "run_name=one", *SGD)
 
     assert sorted(os.listdir(runs)) == ["one", "two"], "one run directory per run, none per process"
     assert "2 process(es) x micro-batch 4 x accumulation 2 = global batch 16" in two.stdout

@@ -214,3 +214,41 @@ def save_deepspeed_checkpoint(engine_config: str, output_dir: str) -> dict:
     trainer.models["model"].save_checkpoint(f"{output_dir}/checkpoint")
     with gathered(trainer.recipe.models["model"]):
         return named_params({"model": trainer.recipe.models["model"]})
+
+
+def fail_one_rank(how: str, output_dir: str) -> None:
+    """Rank 1 dies or stops answering after set-up; rank 0 trains into the silence."""
+    import os
+    import time
+
+    cfg = case_config("classifier", "full", 2, 1, output_dir, 50, "collective_timeout_s=3", "checkpoint_every=0")
+    trainer = Trainer(cfg)
+    if trainer.rank == 1:
+        if how == "dies":
+            os._exit(1)
+        time.sleep(8)  # hung: no collective for longer than the timeout
+        return
+    trainer.fit()
+
+
+def poisoned_steps(output_dir: str, poisoned_step: int, poisoned_rank: int, steps: int = 4) -> dict:
+    """Train with a NaN loss on one process in one step; report what each step did to the weights."""
+    cfg = case_config("classifier", "full", world_size_from_env(), 1, output_dir, steps, "on_nonfinite=skip")
+    trainer = Trainer(cfg)
+    losses, current = trainer.recipe.losses, [0]
+
+    def poisoned(models, batch):
+        for term, loss in losses(models, batch):
+            bad = current[0] == poisoned_step and trainer.rank == poisoned_rank
+            yield term, loss * float("nan") if bad else loss
+
+    trainer.recipe.losses = poisoned
+    moved = []
+    for step in range(steps):
+        current[0] = step
+        before = named_params(trainer.recipe.models)
+        result = trainer.train_step(step)
+        after = named_params(trainer.recipe.models)
+        moved.append(any(not torch.equal(before[k], after[k]) for k in before))
+        assert result.phases[0].update.nonfinite == (step == poisoned_step)
+    return {"moved": moved, "skipped": trainer.nonfinite_steps, "params": named_params(trainer.recipe.models)}

@@ -59,6 +59,7 @@ class OptimizerGroup:
 class UpdateResult:
     grad_norms: dict[str, torch.Tensor]
     skipped: bool  # fp16 overflow: no optimizer stepped, the loss scale was lowered
+    nonfinite: bool = False  # a NaN/inf gradient without fp16 loss scaling: no optimizer stepped
 
 
 def sync_context(accelerator: Accelerator, models: Sequence[nn.Module], sync: bool) -> contextlib.ExitStack:
@@ -148,7 +149,7 @@ def apply_update(
         g.name: nn.utils.clip_grad_norm_(g.params, g.clip_grad_norm if g.clip_grad_norm > 0 else math.inf)
         for g in groups
     }
-    skipped = False
+    skipped = nonfinite = False
     if scaler is not None:
         # One decision for all optimizers: torch's scaler decides per optimizer, which would move
         # one model of a pair and not the other. Accelerate's optimizer wrapper also calls
@@ -159,14 +160,18 @@ def apply_update(
                 scaler.step(_unwrap_optimizer(g.optimizer))
         scaler.update()
     else:
-        for g in groups:
-            g.optimizer.step()
-    if not skipped:
+        # After the all-reduce every process holds the same gradients, so this local check is the
+        # same decision everywhere, with no communication.
+        nonfinite = not all(bool(torch.isfinite(n)) for n in norms.values())
+        if not nonfinite:
+            for g in groups:
+                g.optimizer.step()
+    if not (skipped or nonfinite):
         for g in groups:
             g.scheduler.step()
     for model in models:
         model.zero_grad(set_to_none=True)
-    return UpdateResult(grad_norms=norms, skipped=skipped)
+    return UpdateResult(grad_norms=norms, skipped=skipped, nonfinite=nonfinite)
 
 
 def _unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:

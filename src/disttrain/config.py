@@ -36,6 +36,8 @@ SCHEDULES = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adamw", "sgd")
 LR_SCALINGS = ("none", "linear", "sqrt")
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
+NONFINITE_ACTIONS = ("skip", "stop")
+TRACKERS = ("wandb", "tensorboard", "none")
 
 
 @dataclass
@@ -111,6 +113,16 @@ class GANConfig:
 
 
 @dataclass
+class WandbConfig:
+    project: str = opt("disttrain", "W&B project")
+    entity: str = opt("", "W&B entity (team or user); empty uses the API key's default")
+    group: str = opt("", "W&B group; empty uses the SLURM job id when there is one")
+    tags: list = opt([], "W&B tags, e.g. wandb.tags=[baseline,zero2]")
+    notes: str = opt("", "W&B notes")
+    mode: str = opt("", "online, offline or disabled; empty: WANDB_MODE, else offline when no API key is set")
+
+
+@dataclass
 class Config:
     recipe: str = opt("seq2seq", "what to train: a name from disttrain.recipes")
     seed: int = opt(0, "seeds model initialisation and the data order")
@@ -130,6 +142,22 @@ class Config:
     run_name: str = opt("", "run directory name under output_dir; empty picks <recipe>-<timestamp>")
     save_weights: bool = opt(True, "write the final weights to the run directory as safetensors")
     progress_bar: bool = opt(True, "show a progress bar on the main process")
+    checkpoint_every: int = opt(
+        250, "write a resumable checkpoint every N optimizer steps; 0 only on signals and at the end"
+    )
+    keep_checkpoints: int = opt(3, "complete checkpoints kept in <run directory>/checkpoints; older ones are deleted")
+    resume: str = opt(
+        "auto",
+        "auto: continue from the run directory's newest complete checkpoint, if any; never; or a checkpoint path",
+    )
+    on_nonfinite: str = opt(
+        "stop", f"a NaN/inf loss or gradient: {' or '.join(NONFINITE_ACTIONS)} (stop writes a checkpoint first)"
+    )
+    collective_timeout_s: int = opt(
+        600, "a collective that waits longer (dead or hung process) ends the run with an error"
+    )
+    tracker: str = opt("wandb", f"experiment tracker: {', '.join(TRACKERS)}")
+    wandb: WandbConfig = section(WandbConfig, "Weights & Biases run settings")
     seq2seq: Seq2SeqConfig = section(Seq2SeqConfig, "seq2seq recipe")
     classifier: ClassifierConfig = section(ClassifierConfig, "classifier recipe")
     gan: GANConfig = section(GANConfig, "gan recipe")
@@ -304,6 +332,18 @@ def validate(cfg: Config, world_size: int) -> None:
     _one_of("mixed_precision", cfg.mixed_precision, MIXED_PRECISIONS)
     _at_least("eval_every", cfg.eval_every, 0)
     _at_least("log_every", cfg.log_every, 1)
+    _at_least("checkpoint_every", cfg.checkpoint_every, 0)
+    _at_least("keep_checkpoints", cfg.keep_checkpoints, 1)
+    if cfg.resume not in ("auto", "never") and not os.path.isdir(cfg.resume):
+        raise ConfigError(f"resume={cfg.resume}: no such checkpoint directory; use auto, never or a checkpoint path")
+    _one_of("on_nonfinite", cfg.on_nonfinite, NONFINITE_ACTIONS)
+    _at_least("collective_timeout_s", cfg.collective_timeout_s, 1)
+    _one_of("tracker", cfg.tracker, TRACKERS)
+    from disttrain.tracking import check_tracker  # here, not at the top: tracking imports this module
+
+    check_tracker(cfg)
+    if cfg.wandb.mode:
+        _one_of("wandb.mode", cfg.wandb.mode, ("online", "offline", "disabled"))
 
     s = cfg.seq2seq
     _one_of("seq2seq.task", s.task, ("reverse", "sort"))
@@ -354,6 +394,11 @@ def _validate_deepspeed(cfg: Config, world_size: int) -> None:
     if not path:
         return
     check_against_run(load_user_config(path), path, cfg, world_size)
+    if cfg.on_nonfinite == "skip":
+        raise ConfigError(
+            "on_nonfinite=skip is not supported under DeepSpeed (its engines keep the reduced gradients "
+            "until they step); use on_nonfinite=stop, which checkpoints the state before the bad step"
+        )
     if cfg.recipe == "gan" and cfg.gan.r1_gamma > 0:
         raise ConfigError(
             "gan.r1_gamma>0 is not supported under DeepSpeed yet (its backward hooks fire on R1's "

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import socket
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, GradientAccumulationPlugin
+from accelerate.utils import DistributedDataParallelKwargs, GradientAccumulationPlugin, InitProcessGroupKwargs
 from torch import nn
 
 from disttrain.accumulation import OptimizerGroup
 from disttrain.config import Config, ConfigError
 from disttrain.deepspeed_config import engine_config, load_user_config
+from disttrain.tracking import accelerator_kwargs
 
 
 def check_launcher_env(cfg: Config) -> None:
@@ -60,7 +62,12 @@ def build_accelerator(cfg: Config, find_unused_parameters: bool = False) -> Acce
         mixed_precision="no" if cfg.deepspeed else cfg.mixed_precision,  # DeepSpeed casts itself
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1),
         step_scheduler_with_optimizer=False,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
+        kwargs_handlers=[
+            DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters),
+            # A dead or hung process then ends the run with an error instead of a silent wait.
+            InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=cfg.collective_timeout_s)),
+        ],
+        **accelerator_kwargs(cfg),
     )
 
 
@@ -80,7 +87,13 @@ def build_deepspeed_engines(
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, rank=0, world_size=1)
+        deepspeed.init_distributed(
+            dist_backend=backend,
+            auto_mpi_discovery=False,
+            rank=0,
+            world_size=1,
+            timeout=datetime.timedelta(seconds=cfg.collective_timeout_s),
+        )
     # Which optimizer groups belong to which model, decided before any engine exists: ZeRO 3
     # replaces the tensors in an optimizer's groups when it builds that model's engine.
     owned = {

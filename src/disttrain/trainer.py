@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import signal
+import subprocess
 import time
 import warnings
 from collections.abc import Iterator
@@ -18,6 +20,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from disttrain.accumulation import MicroBatch, UpdateResult, WindowResult, accumulate_window, apply_update
+from disttrain.checkpoint import (
+    complete_checkpoints,
+    load_checkpoint,
+    remove_unpublished,
+    save_checkpoint,
+)
 from disttrain.config import Config, lr_multiplier, to_yaml
 from disttrain.data.windows import WindowSampler
 from disttrain.deepspeed_config import deepspeed_config_path
@@ -30,6 +38,7 @@ from disttrain.engine import (
 )
 from disttrain.recipes import build_recipe
 from disttrain.recipes.base import Phase, Recipe
+from disttrain.tracking import Tracking
 
 log = get_logger("disttrain")
 
@@ -60,6 +69,18 @@ class PhaseResult:
 class StepResult:
     phases: list[PhaseResult]
     samples: int  # global samples through the models in this step (fewer in the last window of an epoch)
+    halted: bool = False  # a non-finite gradient stopped the step (on_nonfinite=stop)
+    untouched: bool = True  # no phase of the step had updated a model before it halted
+
+
+def slurm_run_name(recipe: str) -> str:
+    """Under SLURM a run is named after its job (and array task), so a requeued job finds its own
+    checkpoints; empty outside SLURM."""
+    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array_job and task:
+        return f"{recipe}-{array_job}_{task}"
+    job = os.environ.get("SLURM_JOB_ID")
+    return f"{recipe}-{job}" if job else ""
 
 
 class Trainer:
@@ -91,17 +112,27 @@ class Trainer:
         self.sampler = WindowSampler(self.recipe.num_train, cfg.global_batch_size, cfg.micro_batch_size, cfg.seed)
         self.run_dir = self._make_run_dir()
         self.recipe.run_dir = self.run_dir
-        self.overflow_steps = 0
+        self.recipe.main_process = acc.is_main_process
+        self.overflow_steps = 0  # fp16 steps skipped on overflow (the loss scale was too high)
+        self.nonfinite_steps = 0  # updates skipped on a NaN/inf gradient (on_nonfinite=skip)
+        self.tracker_run_id: str | None = None
+        self.start_step = 0
+        self.stop_reason: str | None = None  # set when a signal or a non-finite loss ended the run early
+        self.resumed_from = self._resume()
+        self.tracking = Tracking.start(cfg, acc, self.run_dir, run_id=self.tracker_run_id)
+        self.tracker_run_id = self.tracking.run_id  # kept in checkpoints: a resumed run continues it
 
     # ------------------------------------------------------------------ one optimizer step
 
     def train_step(self, step: int) -> StepResult:
         results, samples = [], 0
-        for phase in self.recipe.phases(step):
+        for i, phase in enumerate(self.recipe.phases(step)):
             window = self.backward_window(phase)
-            update = self.optimizer_step(phase)
+            update = self.optimizer_step(phase, window)
             results.append(PhaseResult(phase.name, phase.terms, window, update))
             samples += len(self.sampler.global_batch(phase.data_step))
+            if update.nonfinite and self.cfg.on_nonfinite == "stop":
+                return StepResult(results, samples, halted=True, untouched=i == 0)
         return StepResult(results, samples)
 
     def backward_window(self, phase: Phase) -> WindowResult:
@@ -125,13 +156,28 @@ class Trainer:
         self._check_no_stray_gradients(phase)
         return window
 
-    def optimizer_step(self, phase: Phase) -> UpdateResult:
-        groups = [self.engine_groups[name] for name in phase.models] if self.cfg.deepspeed else phase.groups
-        update = apply_update(self.accelerator, groups, [self.models[name] for name in phase.models])
+    def optimizer_step(self, phase: Phase, window: WindowResult | None = None) -> UpdateResult:
+        """Update the phase's models unless the window's gradient is not finite."""
+        models = [self.models[name] for name in phase.models]
+        if self.cfg.deepspeed:
+            # Engines keep the reduced gradients to themselves (partitioned), so the window's losses
+            # decide; a NaN/inf reaches every gradient it touches. Skipping is refused at config time.
+            if window is not None and self._any_process(~torch.isfinite(window.loss_sums).all()):
+                update = UpdateResult(grad_norms={}, skipped=False, nonfinite=True)
+            else:
+                update = apply_update(self.accelerator, [self.engine_groups[n] for n in phase.models], models)
+        else:
+            update = apply_update(self.accelerator, phase.groups, models)
         self.overflow_steps += update.skipped
-        if phase.after_update is not None and not update.skipped:
+        self.nonfinite_steps += update.nonfinite
+        if update.nonfinite:
+            log.warning(f"phase '{phase.name}': non-finite loss or gradient, update skipped ({self.cfg.on_nonfinite})")
+        if phase.after_update is not None and not (update.skipped or update.nonfinite):
             phase.after_update()
         return update
+
+    def _any_process(self, flag: torch.Tensor) -> bool:
+        return bool(self.accelerator.reduce(flag.float().reshape(1).to(self.accelerator.device), reduction="sum") > 0)
 
     def _check_no_stray_gradients(self, phase: Phase) -> None:
         """Gradients in a model this phase does not train would leak into that model's next update."""
@@ -147,44 +193,197 @@ class Trainer:
     def fit(self) -> dict[str, float]:
         cfg, acc = self.cfg, self.accelerator
         self._announce()
-        progress = tqdm(total=cfg.steps, disable=not (acc.is_main_process and cfg.progress_bar), dynamic_ncols=True)
+        progress = tqdm(
+            total=cfg.steps,
+            initial=self.start_step,
+            disable=not (acc.is_main_process and cfg.progress_bar),
+            dynamic_ncols=True,
+        )
         interval: dict[tuple[str, str], torch.Tensor] = {}  # (phase, term) -> [local loss sum, global count]
         samples_in_interval, interval_start, start = 0, time.perf_counter(), time.perf_counter()
         report: dict[str, float] = {}
-        for step in range(cfg.steps):
-            result = self.train_step(step)
-            for r in result.phases:
-                for j, term in enumerate(r.terms):
-                    pair = torch.stack([r.window.loss_sums[j], r.window.counts[j]])
-                    interval[r.phase, term] = interval[r.phase, term] + pair if (r.phase, term) in interval else pair
-            samples_in_interval += result.samples
-            progress.update(1)
-            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-                elapsed = time.perf_counter() - interval_start
-                report = self._loss_report(interval)
-                report["samples_per_s"] = samples_in_interval / elapsed
-                report.update({f"lr/{g.name}": g.scheduler.get_last_lr()[0] for g in self.groups})
+        steps_in_interval = 0
+        with self._stop_signals_caught(), self._collective_failures_explained(), self._tracking_closed():
+            for step in range(self.start_step, cfg.steps):
+                result = self.train_step(step)
+                if result.halted:
+                    self._halt_on_nonfinite(step, result)
+                done = step + 1
                 for r in result.phases:
-                    report.update({f"grad_norm/{k}": float(v) for k, v in r.update.grad_norms.items()})
-                headline = next(iter(report))
-                progress.set_postfix(
-                    {headline: f"{report[headline]:.4f}", "samples/s": f"{report['samples_per_s']:.0f}"}
-                )
-                log.info(f"step {step + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in report.items()))
-                interval, samples_in_interval, interval_start = {}, 0, time.perf_counter()
-            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 != cfg.steps:
-                log.info(f"step {step + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in self.evaluate().items()))
-        progress.close()
-        train_time = time.perf_counter() - start
-        metrics = self.evaluate()
-        weights = self.save_weights() if cfg.save_weights else []
+                    for j, term in enumerate(r.terms):
+                        pair = torch.stack([r.window.loss_sums[j], r.window.counts[j]])
+                        interval[r.phase, term] = (
+                            interval[r.phase, term] + pair if (r.phase, term) in interval else pair
+                        )
+                samples_in_interval += result.samples
+                steps_in_interval += 1
+                progress.update(1)
+                if done % cfg.log_every == 0 or done == cfg.steps:
+                    elapsed = time.perf_counter() - interval_start
+                    tokens = sum(float(pair[1]) for (_, term), pair in interval.items() if term == "tokens")
+                    report = self._loss_report(interval)
+                    report["samples_per_s"] = samples_in_interval / elapsed
+                    if tokens:
+                        report["tokens_per_s"] = tokens / elapsed
+                    report["step_time_s"] = elapsed / steps_in_interval
+                    report.update({f"lr/{g.name}": g.scheduler.get_last_lr()[0] for g in self.groups})
+                    for r in result.phases:
+                        report.update({f"grad_norm/{k}": float(v) for k, v in r.update.grad_norms.items()})
+                    headline = next(iter(report))
+                    progress.set_postfix(
+                        {headline: f"{report[headline]:.4f}", "samples/s": f"{report['samples_per_s']:.0f}"}
+                    )
+                    log.info(f"step {done}: " + ", ".join(f"{k} {v:.4g}" for k, v in report.items()))
+                    self.tracking.log(
+                        {**report, "overflow_steps": self.overflow_steps, "nonfinite_steps": self.nonfinite_steps},
+                        step=done,
+                    )
+                    interval, samples_in_interval, steps_in_interval = {}, 0, 0
+                    interval_start = time.perf_counter()
+                if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
+                    metrics = self.evaluate(step=done)
+                    log.info(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                saved = None
+                if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done != cfg.steps:
+                    saved = save_checkpoint(self, done)
+                if acc.check_trigger():  # a process caught a stop signal: all stop at this boundary
+                    self._stop_on_signal(done, saved or save_checkpoint(self, done))
+                    progress.close()
+                    return {}
+            train_time = time.perf_counter() - start
+            progress.close()
+            if self.start_step < cfg.steps:
+                save_checkpoint(self, cfg.steps)
+            metrics = self.evaluate(step=cfg.steps)
+            weights = self.save_weights() if cfg.save_weights else []
+        steps_run = cfg.steps - self.start_step
         acc.print(
-            f"done: {cfg.steps} steps in {train_time:.1f}s ({cfg.steps / train_time:.2f} steps/s), "
-            f"final {self._format_losses(report)}, {self.recipe.summary(metrics)}"
+            f"done: {steps_run} steps in {train_time:.1f}s ({steps_run / max(train_time, 1e-9):.2f} steps/s)"
+            + (f" after resuming at step {self.start_step}" if self.resumed_from else "")
+            + f", final {self._format_losses(report)}, {self.recipe.summary(metrics)}"
             + (f", {self.overflow_steps} steps skipped on fp16 overflow" if self.overflow_steps else "")
+            + (f", {self.nonfinite_steps} updates skipped on non-finite gradients" if self.nonfinite_steps else "")
             + (f"; weights in {', '.join(weights)}" if weights else f"; run directory {self.run_dir}")
         )
         return metrics
+
+    # ------------------------------------------------------------------ stopping early
+
+    def state_dict(self, step: int) -> dict:
+        """The trainer's own state after `step` optimizer steps (models and optimizers are saved apart)."""
+        scaler = self.accelerator.scaler
+        return {
+            "step": step,
+            "overflow_steps": self.overflow_steps,
+            "nonfinite_steps": self.nonfinite_steps,
+            "schedulers": {g.name: g.scheduler.state_dict() for g in self.groups},
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "tracker_run_id": self.tracker_run_id,
+        }
+
+    def _resume(self) -> str | None:
+        """Load the checkpoint `resume` names (auto: the run directory's newest complete one)."""
+        cfg, acc = self.cfg, self.accelerator
+        if cfg.resume == "never":
+            return None
+        if acc.is_main_process:
+            remove_unpublished(self.run_dir)  # what a killed run left half-written
+        acc.wait_for_everyone()
+        if cfg.resume == "auto":
+            found = complete_checkpoints(self.run_dir)
+            if not found:
+                return None
+            path = found[-1]
+        else:
+            path = cfg.resume
+        state = load_checkpoint(self, path)
+        self.start_step = state["step"]
+        self.overflow_steps, self.nonfinite_steps = state["overflow_steps"], state["nonfinite_steps"]
+        self.tracker_run_id = state["tracker_run_id"]
+        acc.print(f"resuming from {path} at step {self.start_step} of {cfg.steps}")
+        return path
+
+    @contextlib.contextmanager
+    def _stop_signals_caught(self) -> Iterator[None]:
+        """SIGUSR1 (SLURM's warning before the time limit) and SIGTERM (preemption, scancel) stop
+        the run at the next step boundary with a checkpoint, on every process together."""
+
+        def catch(signum: int, frame: object) -> None:
+            self.stop_reason = signal.Signals(signum).name
+            self.accelerator.set_trigger()
+
+        caught = (signal.SIGUSR1, signal.SIGTERM)
+        try:
+            previous = {s: signal.signal(s, catch) for s in caught}
+        except ValueError:  # not the main thread: leave signals to whoever owns them
+            previous = {}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _stop_on_signal(self, step: int, checkpoint: str) -> None:
+        acc = self.accelerator
+        reason = self.stop_reason or "a signal on another process"
+        job = os.environ.get("SLURM_JOB_ID")
+        requeued = ""
+        if job and acc.is_main_process:
+            array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+            job = f"{array_job}_{task}" if array_job and task else job
+            done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+            requeued = (
+                f"; requeued job {job}, which resumes from it"
+                if done.returncode == 0
+                else f"; scontrol requeue {job} failed ({(done.stderr or done.stdout).strip()})"
+            )
+        acc.print(
+            f"stopped at step {step} of {self.cfg.steps} on {reason}: checkpoint {checkpoint}{requeued}"
+            + (
+                ""
+                if job
+                else f"; continue with resume={checkpoint}, or the same command with run_name={os.path.basename(self.run_dir)}"
+            )
+        )
+
+    def _halt_on_nonfinite(self, step: int, result: StepResult) -> None:
+        """on_nonfinite=stop: keep the state before the bad step where it is still intact, then stop."""
+        phase = result.phases[-1].phase
+        if result.untouched:
+            saved = save_checkpoint(self, step)
+        else:  # an earlier phase of this step already updated its model: not the state of any step
+            found = complete_checkpoints(self.run_dir)
+            saved = found[-1] if found else None
+        raise FloatingPointError(
+            f"step {step + 1}: the '{phase}' loss or gradient is not finite; "
+            + (f"the state before this step is in {saved}; " if saved else "no checkpoint holds a state before it; ")
+            + "resume with on_nonfinite=skip to skip such updates, or look for the cause "
+            "(learning rate, data, mixed precision)"
+        )
+
+    @contextlib.contextmanager
+    def _tracking_closed(self) -> Iterator[None]:
+        """The tracked run ends with the loop, marked failed if the loop raised."""
+        try:
+            yield
+        except BaseException:
+            self.tracking.finish(exit_code=1)
+            raise
+        self.tracking.finish()
+
+    @contextlib.contextmanager
+    def _collective_failures_explained(self) -> Iterator[None]:
+        """A dead or hung process surfaces as an opaque backend error after the timeout: name it."""
+        try:
+            yield
+        except (RuntimeError, torch.distributed.DistBackendError) as e:
+            text = str(e)
+            if not any(s in text for s in ("Timed out", "timed out", "Connection closed", "Connection reset")):
+                raise
+            raise RuntimeError(
+                f"process {self.rank}: a collective failed ({text.splitlines()[0][:200]}): another process died "
+                f"or hung for more than collective_timeout_s={self.cfg.collective_timeout_s}; see its log"
+            ) from e
 
     def _loss_report(self, interval: dict[tuple[str, str], torch.Tensor]) -> dict[str, float]:
         """Each term's mean over all its items of the interval on all processes, summed per phase."""
@@ -206,18 +405,27 @@ class Trainer:
         losses = {k: v for k, v in report.items() if k.startswith("loss") and k.count("/") <= 1}
         return ", ".join(f"{k.replace('/', ' ')} {v:.4g}" for k, v in losses.items()) or "loss n/a"
 
-    def evaluate(self) -> dict[str, float]:
-        """The recipe's metrics on held-out data, each process scoring its share."""
+    def evaluate(self, step: int | None = None) -> dict[str, float]:
+        """The recipe's metrics on held-out data, each process scoring its share; tracked at `step`."""
         models = self.recipe.models  # the modules inside the wrappers: no collective in evaluation
+        # ZeRO 3 modules keep their gathering hooks even with whole weights, and those hooks must be
+        # called alike on every process: there, each process scores all of the held-out data.
+        partitioned = any(hasattr(p, "ds_id") for m in models.values() for p in m.parameters())
+        rank, world = (0, 1) if partitioned else (self.rank, self.world_size)
         with contextlib.ExitStack() as full:
             for m in models.values():
-                full.enter_context(gathered(m))  # ZeRO 3: whole weights, so processes may differ in work
+                full.enter_context(gathered(m))
                 m.eval()
-            parts = self.recipe.evaluate(models, self.rank, self.world_size)
+            parts = self.recipe.evaluate(models, rank, world)
             for m in models.values():
                 m.train()
-        totals = {k: self.accelerator.reduce(v, reduction="sum") for k, v in parts.items()}
-        return {k: float(v[0] / v[1]) for k, v in totals.items()}
+        totals = parts if partitioned else {k: self.accelerator.reduce(v, reduction="sum") for k, v in parts.items()}
+        metrics = {k: float(v[0] / v[1]) for k, v in totals.items()}
+        if step is not None:
+            self.tracking.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+            for image in self.recipe.images():
+                self.tracking.log_image(f"eval/{os.path.splitext(os.path.basename(image))[0]}", image, step=step)
+        return metrics
 
     def save_weights(self) -> list[str]:
         """Full weights of each model as `<name>.safetensors`, written aside then renamed."""
@@ -244,7 +452,7 @@ class Trainer:
 
     def _make_run_dir(self) -> str:
         """One directory per run (never per process), named on the main process and shared."""
-        name = [self.cfg.run_name]
+        name = [self.cfg.run_name or slurm_run_name(self.cfg.recipe)]
         if not name[0] and self.accelerator.is_main_process:
             stamp = f"{self.cfg.recipe}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
             name[0] = next(

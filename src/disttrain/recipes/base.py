@@ -52,6 +52,7 @@ class Recipe(ABC):
         self.models = models
         self.groups = groups
         self.run_dir: str | None = None  # set by the trainer, for files an evaluation writes (plots)
+        self.main_process = True  # set by the trainer: the one process that writes such files
 
     @property
     @abstractmethod
@@ -102,6 +103,10 @@ class Recipe(ABC):
     def data_steps(self, steps: int) -> int:
         """Global batches of data that `steps` optimizer steps consume."""
         return steps
+
+    def images(self) -> list[str]:
+        """PNG files the last evaluation wrote (plots), logged to the tracker; on the main process."""
+        return []
 
     def summary(self, metrics: dict[str, float]) -> str:
         """One phrase on the recipe's quality for the final summary line."""

@@ -184,6 +184,10 @@ class GANRecipe(Recipe):
         loss = -logits if self.cfg.loss == "hinge" else F.softplus(-logits)
         yield "g_loss", loss.sum()
 
+    def images(self) -> list[str]:
+        path = os.path.join(self.run_dir or "", "samples.png")
+        return [path] if self.run_dir and os.path.exists(path) else []
+
     def exported_models(self) -> dict[str, nn.Module]:
         ema = {} if self.ema is self.models["generator"] else {"generator_ema": self.ema}
         return {**self.models, **ema}
@@ -210,7 +214,7 @@ class GANRecipe(Recipe):
         ema.eval()
         fake = ema(z.to(device)).float()
         covered, quality = score_samples(fake, self.cfg.dataset)
-        if rank == 0 and self.run_dir is not None:
+        if self.main_process and self.run_dir is not None:
             save_scatter(self.real[:2000], fake.cpu(), os.path.join(self.run_dir, "samples.png"))
         one = torch.ones((), dtype=torch.float64, device=device)
         return {"modes_covered": torch.stack([covered * one, one]), "high_quality": torch.stack([quality * one, one])}

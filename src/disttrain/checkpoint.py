@@ -1,0 +1,356 @@
+"""Resumable checkpoints: what a run needs to continue bit-for-bit, published atomically, read back safely.
+
+Layout of `<run dir>/checkpoints/step-00001000/`:
+  models/<name>.safetensors   full weights of every exported model (EMA included)
+  optimizers.pt               DDP path: each optimizer's state (identical on every process)
+  deepspeed/<model>/          DeepSpeed path: each engine's own (partitioned) checkpoint
+  trainer.pt                  step, schedulers, gradient scaler, counters, tracker run id
+  rng/rank-<r>.pt             every process's random generators
+  config.yaml                 the run's resolved config, to refuse an incompatible resume
+  manifest.json               written last: every file and its size
+
+Everything is written into `step-XXXXXXXX.tmp/` and published by renaming the directory, so a kill
+at any moment leaves either a complete checkpoint or none. `.pt` files are read with
+`torch.load(weights_only=True)`: tensors and plain containers only, never arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
+
+from disttrain.config import Config, to_yaml
+from disttrain.engine import gathered
+
+if TYPE_CHECKING:
+    from disttrain.trainer import Trainer
+
+MANIFEST = "manifest.json"
+_NAME = re.compile(r"^step-(\d{8})$")
+
+# Keys that may differ between the run that wrote a checkpoint and the one resuming it: they change
+# how a run is observed, launched or stored, not the update it computes. micro_batch_size is among
+# them because accumulation follows from it exactly: the update does not depend on it.
+RESUMABLE_CHANGES = (
+    "micro_batch_size",
+    "eval_every",
+    "log_every",
+    "output_dir",
+    "run_name",
+    "save_weights",
+    "progress_bar",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "resume",
+    "on_nonfinite",
+    "collective_timeout_s",
+    "tracker",
+    "wandb",
+)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from; the message says what is wrong and what to do."""
+
+
+# --------------------------------------------------------------------------- finding checkpoints
+
+
+def checkpoints_dir(run_dir: str) -> str:
+    return os.path.join(run_dir, "checkpoints")
+
+
+def complete_checkpoints(run_dir: str) -> list[str]:
+    """Published checkpoints of a run, oldest first (an unpublished `.tmp` is never one)."""
+    root = checkpoints_dir(run_dir)
+    if not os.path.isdir(root):
+        return []
+    names = sorted(n for n in os.listdir(root) if _NAME.match(n))
+    return [os.path.join(root, n) for n in names]
+
+
+def checkpoint_step(path: str) -> int:
+    match = _NAME.match(os.path.basename(os.path.normpath(path)))
+    if not match:
+        raise CheckpointError(f"{path} is not a checkpoint directory (expected a name like step-00001000)")
+    return int(match.group(1))
+
+
+def remove_unpublished(run_dir: str) -> None:
+    """Drop what a killed run left half-written or half-deleted. Main process only."""
+    root = checkpoints_dir(run_dir)
+    if os.path.isdir(root):
+        for name in os.listdir(root):
+            if name.endswith((".tmp", ".deleting")):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def prune(run_dir: str, keep: int) -> None:
+    """Keep the newest `keep` checkpoints. Renamed before deletion, so a kill mid-way never leaves a
+    partly deleted directory under a published name. Main process only."""
+    for path in complete_checkpoints(run_dir)[:-keep]:
+        os.rename(path, path + ".deleting")
+        shutil.rmtree(path + ".deleting", ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def save_checkpoint(trainer: Trainer, step: int) -> str:
+    """Write the state after `step` optimizer steps; a collective: every process calls it."""
+    acc, main = trainer.accelerator, trainer.accelerator.is_main_process
+    final = os.path.join(checkpoints_dir(trainer.run_dir), f"step-{step:08d}")
+    tmp = final + ".tmp"
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for sub in ("models", "rng"):
+            os.makedirs(os.path.join(tmp, sub))
+    acc.wait_for_everyone()
+
+    for name, module in trainer.recipe.exported_models().items():
+        with gathered(module):
+            if main:
+                state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+                save_file(state, os.path.join(tmp, "models", f"{name}.safetensors"))
+    if trainer.cfg.deepspeed:
+        for name, engine in trainer.models.items():
+            engine.save_checkpoint(os.path.join(tmp, "deepspeed", name), tag="state", save_latest=False)
+    elif main:
+        optimizers = {g.name: _unwrapped(g.optimizer).state_dict() for g in trainer.groups}
+        torch.save(optimizers, os.path.join(tmp, "optimizers.pt"))
+    if main:
+        torch.save(trainer.state_dict(step), os.path.join(tmp, "trainer.pt"))
+        with open(os.path.join(tmp, "config.yaml"), "w") as f:
+            f.write(to_yaml(trainer.cfg))
+    torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank-{trainer.rank}.pt"))
+    acc.wait_for_everyone()
+
+    if main:
+        files = {os.path.relpath(p, tmp): os.path.getsize(p) for p in _files(tmp)}
+        manifest = {"step": step, "world_size": trainer.world_size, "files": files}
+        with open(os.path.join(tmp, MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=1, sort_keys=True)
+        for path in _files(tmp):  # on disk before the rename publishes them (power loss, not just kill)
+            _fsync(path)
+        os.rename(tmp, final)
+        _fsync(os.path.dirname(final))
+        prune(trainer.run_dir, trainer.cfg.keep_checkpoints)
+    acc.wait_for_everyone()
+    return final
+
+
+def _files(root: str) -> Iterator[str]:
+    for directory, _, names in os.walk(root):
+        for name in names:
+            yield os.path.join(directory, name)
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unwrapped(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    return getattr(optimizer, "optimizer", optimizer)  # AcceleratedOptimizer keeps the torch one here
+
+
+def _rng_state() -> dict[str, Any]:
+    import numpy as np
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.copy()), pos, has_gauss, cached),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def verify(path: str) -> dict[str, Any]:
+    """The manifest of a complete checkpoint, after checking that every file it lists is whole."""
+    manifest_path = os.path.join(path, MANIFEST)
+    if not os.path.isfile(manifest_path):
+        raise CheckpointError(f"{path} has no {MANIFEST}: it is not a complete checkpoint")
+    try:
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{manifest_path} is unreadable ({e})") from e
+    for rel, size in manifest["files"].items():
+        file = os.path.join(path, rel)
+        actual = os.path.getsize(file) if os.path.isfile(file) else None
+        if actual != size:
+            found = "missing" if actual is None else f"{actual} bytes, {size} expected"
+            raise CheckpointError(
+                f"checkpoint {path} is damaged: {rel} is {found}; resume from an older one with resume=<path> "
+                f"(others: {', '.join(os.path.basename(p) for p in complete_checkpoints(_run_dir_of(path))) or 'none'})"
+            )
+    return manifest
+
+
+def _run_dir_of(path: str) -> str:
+    return os.path.dirname(os.path.dirname(os.path.normpath(path)))
+
+
+def incompatibilities(saved: Config | dict, current: Config) -> list[str]:
+    """`key: saved -> current` for every setting that changes the update and differs."""
+    old = _flat(OmegaConf.to_container(OmegaConf.create(to_yaml(saved) if isinstance(saved, Config) else saved)))
+    new = _flat(OmegaConf.to_container(OmegaConf.structured(current)))
+    free = lambda key: any(key == k or key.startswith(k + ".") for k in RESUMABLE_CHANGES)  # noqa: E731
+    keys = sorted((old.keys() | new.keys()) - {k for k in old.keys() | new.keys() if free(k)})
+    return [f"{k}: {old.get(k, '<absent>')} -> {new.get(k, '<absent>')}" for k in keys if old.get(k) != new.get(k)]
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in node.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def load_checkpoint(trainer: Trainer, path: str) -> dict[str, Any]:
+    """Restore a checkpoint into the built trainer; returns the trainer state (step, counters...).
+
+    Every process calls it. Refuses, naming what differs, a checkpoint of another configuration.
+    """
+    manifest = verify(path)
+    with open(os.path.join(path, "config.yaml")) as f:
+        saved = OmegaConf.to_container(OmegaConf.load(f))
+    differences = incompatibilities(saved, trainer.cfg)
+    if differences:
+        raise CheckpointError(
+            f"checkpoint {path} was written by a run with other settings ({'; '.join(differences)}); "
+            "set them back to resume it, or start fresh with resume=never (and another run_name)"
+        )
+    saved_world = manifest["world_size"]
+    if trainer.cfg.deepspeed and saved_world != trainer.world_size:
+        raise CheckpointError(
+            f"checkpoint {path} holds DeepSpeed partitions of {saved_world} processes, this run has "
+            f"{trainer.world_size}; resume on {saved_world} processes"
+        )
+
+    engine_models = set(trainer.models) if trainer.cfg.deepspeed else set()
+    for name, module in trainer.recipe.exported_models().items():
+        if name in engine_models:
+            continue  # its engine restores it below, partitions and all
+        _load_weights(module, os.path.join(path, "models", f"{name}.safetensors"), path)
+    if trainer.cfg.deepspeed:
+        for name, engine in trainer.models.items():
+            _load_engine_files_safely(engine)
+            try:
+                load_dir, _ = engine.load_checkpoint(
+                    os.path.join(path, "deepspeed", name), tag="state", load_lr_scheduler_states=False
+                )
+            except Exception as e:
+                raise CheckpointError(f"checkpoint {path}: DeepSpeed could not load '{name}' ({e})") from e
+            if load_dir is None:
+                raise CheckpointError(f"checkpoint {path}: DeepSpeed found no state for '{name}'")
+    else:
+        optimizers = _safe_load(os.path.join(path, "optimizers.pt"), path)
+        for g in trainer.groups:
+            _unwrapped(g.optimizer).load_state_dict(optimizers[g.name])
+
+    state = _safe_load(os.path.join(path, "trainer.pt"), path)
+    for g in trainer.groups:
+        g.scheduler.load_state_dict(state["schedulers"][g.name])
+        # The schedule's current value, also where an engine restored its own copy of the groups.
+        for group, lr in zip(g.optimizer.param_groups, g.scheduler.get_last_lr(), strict=True):
+            group["lr"] = lr
+    if trainer.accelerator.scaler is not None and state.get("scaler"):
+        trainer.accelerator.scaler.load_state_dict(state["scaler"])
+    if saved_world == trainer.world_size:
+        _set_rng_state(_safe_load(os.path.join(path, "rng", f"rank-{trainer.rank}.pt"), path))
+    else:
+        # The data order depends on the step alone; only random streams inside the models (dropout)
+        # are per process and cannot be mapped to another process count.
+        torch.manual_seed(trainer.cfg.seed + 1_000_003 * state["step"] + trainer.rank)
+        trainer.accelerator.print(
+            f"checkpoint {path} was written by {saved_world} processes, this run has {trainer.world_size}: "
+            "random streams (dropout) are reseeded, so the run continues exactly only in distribution"
+        )
+    return state
+
+
+def _load_weights(module: torch.nn.Module, file: str, path: str) -> None:
+    try:
+        state = load_file(file)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path}: {os.path.relpath(file, path)} is unreadable ({e})") from e
+    missing, unexpected = module.state_dict().keys() - state.keys(), state.keys() - module.state_dict().keys()
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint {path}: {os.path.relpath(file, path)} does not fit the model "
+            f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
+        )
+    with torch.no_grad():
+        for key, value in module.state_dict(keep_vars=True).items():
+            if value.shape != state[key].shape:
+                raise CheckpointError(
+                    f"checkpoint {path}: {key} has shape {tuple(state[key].shape)}, the model {tuple(value.shape)}"
+                )
+            value.copy_(state[key])
+
+
+def _safe_load(file: str, path: str) -> Any:
+    # To the CPU whatever device wrote it ("cpu:0" tags do not restore): load_state_dict moves state
+    # to its parameters' device.
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"checkpoint {path}: {os.path.relpath(file, path)} is unreadable ({str(e).splitlines()[0]})"
+        ) from e
+
+
+def _load_engine_files_safely(engine: Any) -> None:
+    """DeepSpeed reads its checkpoint files with `torch.load(weights_only=False)`, which runs any
+    pickled code; this engine reads them with `weights_only=True`, allowing only the few DeepSpeed
+    types its files hold besides tensors and plain containers."""
+    allowed = _deepspeed_safe_globals()
+
+    def load(path: str, map_location: Any = None) -> Any:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    engine.checkpoint_engine.load = load
+
+
+def _deepspeed_safe_globals() -> list[Any]:
+    """The non-tensor types DeepSpeed's optimizer files hold (found with
+    `torch.serialization.get_unsafe_globals_in_checkpoint` on ZeRO 1, 2 and 3 checkpoints)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
