@@ -207,3 +207,42 @@ def test_only_the_main_process_creates_a_run_and_all_know_its_id(tmp_path):
     [run] = wandb_runs(run_dir)
     assert ids == [run.run_id, run.run_id]
     assert run.history["loss"] == {1: 0.0}
+
+
+def test_a_training_run_tracks_every_metric_and_a_stopped_run_resumes_it(tmp_path, monkeypatch):
+    """Through the trainer: metrics per logged optimizer step, evaluation, and after a stop signal
+    (as SLURM sends before the time limit) the resumed run continues the same W&B run."""
+    import signal
+
+    from disttrain.trainer import Trainer
+
+    args = ["config=configs/debug.yaml", "steps=6", "log_every=2", "eval_every=4", "checkpoint_every=0",
+            "wandb.mode=offline", "progress_bar=false", f"output_dir={tmp_path}", "run_name=run"]  # fmt: skip
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    first = Trainer(load_config(args, world_size=1))
+    losses = first.recipe.losses
+
+    def stop_at_step_3(models, batch):
+        if step[0] == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        yield from losses(models, batch)
+
+    step = [0]
+    train_step = first.train_step
+    first.train_step = lambda s: (step.__setitem__(0, s), train_step(s))[1]
+    first.recipe.losses = stop_at_step_3
+    assert first.fit() == {} and first.stop_reason == "SIGUSR1"
+    assert os.path.isdir(tmp_path / "run" / "checkpoints" / "step-00000003")
+
+    resumed = Trainer(load_config(args, world_size=1))
+    assert resumed.start_step == 3 and resumed.tracker_run_id == first.tracker_run_id
+    resumed.fit()
+
+    before, after = wandb_runs(str(tmp_path / "run"))
+    assert before.run_id == after.run_id == first.tracker_run_id and after.resumed
+    per_step = ["loss", "samples_per_s", "tokens_per_s", "step_time_s", "lr/encoder", "lr/decoder",
+                "grad_norm/encoder", "grad_norm/decoder"]  # fmt: skip
+    for name in per_step:
+        assert before.steps(name) == [2] and after.steps(name) == [4, 6], name
+    assert after.steps("eval/exact_match") == [4, 6]
+    assert after.config["global_batch_size"] == 16

@@ -34,9 +34,10 @@ def build_group(
     params = [p for p in params if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
+    # "name" survives merging into another optimizer (one per DeepSpeed engine): logs stay per group.
     param_groups = [
-        {"params": decay, "weight_decay": o.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": decay, "weight_decay": o.weight_decay, "name": name},
+        {"params": no_decay, "weight_decay": 0.0, "name": name},
     ]
     lr = o.lr * lr_multiplier
     if o.name == "adamw":

@@ -226,7 +226,9 @@ class Trainer:
                     if tokens:
                         report["tokens_per_s"] = tokens / elapsed
                     report["step_time_s"] = elapsed / steps_in_interval
-                    report.update({f"lr/{g.name}": g.scheduler.get_last_lr()[0] for g in self.groups})
+                    for g in self.groups:
+                        for group, lr in zip(g.optimizer.param_groups, g.scheduler.get_last_lr(), strict=True):
+                            report.setdefault(f"lr/{group.get('name', g.name)}", lr)
                     for r in result.phases:
                         report.update({f"grad_norm/{k}": float(v) for k, v in r.update.grad_norms.items()})
                     headline = next(iter(report))
