@@ -2,6 +2,8 @@ import os
 
 import pytest
 
+pytest_plugins = ["tests.slurm_cluster"]  # the real SLURM cluster fixture, started only by tests that use it
+
 os.environ.setdefault("WANDB_MODE", "disabled")
 # DeepSpeed compiles a C++ op on first use (30-80 s): build it once per checkout, not per test.
 os.environ.setdefault(

@@ -295,7 +295,7 @@ def load_checkpoint(trainer: Trainer, path: str) -> dict[str, Any]:
         # The data order depends on the step alone; only random streams inside the models (dropout)
         # are per process and cannot be mapped to another process count.
         torch.manual_seed(trainer.cfg.seed + 1_000_003 * state["step"] + trainer.rank)
-        trainer.accelerator.print(
+        trainer.say(
             f"checkpoint {path} was written by {saved_world} processes, this run has {trainer.world_size}: "
             "random streams (dropout) are reseeded, so the run continues exactly only in distribution"
         )

@@ -83,6 +83,31 @@ def slurm_run_name(recipe: str) -> str:
     return f"{recipe}-{job}" if job else ""
 
 
+def requeue(job: str, reason: str) -> str:
+    """`scontrol requeue` the job, unless a SIGTERM came from its cancellation (scancel).
+
+    Preemption (SIGTERM within the partition's GraceTime) and the warning before the time limit
+    (SIGUSR1) requeue; a job whose tasks end first counts as completed, so the job must do it.
+    SLURM then sends SIGTERM to the job, this call's process included: the call runs with SIGTERM
+    ignored (the child inherits that).
+    """
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        if reason == "SIGTERM":
+            shown = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True)
+            state = next((f.split("=", 1)[1] for f in shown.stdout.split() if f.startswith("JobState=")), "")
+            if state == "CANCELLED":
+                return f"job {job} was cancelled: not requeued"
+        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    except FileNotFoundError:
+        return f"could not requeue job {job}: no scontrol on PATH"
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if done.returncode != 0:
+        return f"scontrol requeue {job} failed ({(done.stderr or done.stdout).strip()})"
+    return f"requeued job {job}, which resumes from it"
+
+
 class Trainer:
     def __init__(self, cfg: Config, recipe: Recipe | None = None):
         """Build recipe, engine and run directory. A prepared `recipe` may be passed (tests do)."""
@@ -259,7 +284,7 @@ class Trainer:
             metrics = self.evaluate(step=cfg.steps)
             weights = self.save_weights() if cfg.save_weights else []
         steps_run = cfg.steps - self.start_step
-        acc.print(
+        self.say(
             f"done: {steps_run} steps in {train_time:.1f}s ({steps_run / max(train_time, 1e-9):.2f} steps/s)"
             + (f" after resuming at step {self.start_step}" if self.resumed_from else "")
             + f", final {self._format_losses(report)}, {self.recipe.summary(metrics)}"
@@ -268,6 +293,11 @@ class Trainer:
             + (f"; weights in {', '.join(weights)}" if weights else f"; run directory {self.run_dir}")
         )
         return metrics
+
+    def say(self, line: str) -> None:
+        """One line from the whole run: the global main process only (Accelerate's print is per node)."""
+        if self.accelerator.is_main_process:
+            print(line, flush=True)
 
     # ------------------------------------------------------------------ stopping early
 
@@ -302,7 +332,7 @@ class Trainer:
         self.start_step = state["step"]
         self.overflow_steps, self.nonfinite_steps = state["overflow_steps"], state["nonfinite_steps"]
         self.tracker_run_id = state["tracker_run_id"]
-        acc.print(f"resuming from {path} at step {self.start_step} of {cfg.steps}")
+        self.say(f"resuming from {path} at step {self.start_step} of {cfg.steps}")
         return path
 
     @contextlib.contextmanager
@@ -326,27 +356,19 @@ class Trainer:
                 signal.signal(s, handler)
 
     def _stop_on_signal(self, step: int, checkpoint: str) -> None:
-        acc = self.accelerator
+        """After the checkpoint, under SLURM, the main process requeues the job unless it was cancelled."""
         reason = self.stop_reason or "a signal on another process"
         job = os.environ.get("SLURM_JOB_ID")
-        requeued = ""
-        if job and acc.is_main_process:
-            array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-            job = f"{array_job}_{task}" if array_job and task else job
-            done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-            requeued = (
-                f"; requeued job {job}, which resumes from it"
-                if done.returncode == 0
-                else f"; scontrol requeue {job} failed ({(done.stderr or done.stdout).strip()})"
-            )
-        acc.print(
-            f"stopped at step {step} of {self.cfg.steps} on {reason}: checkpoint {checkpoint}{requeued}"
-            + (
-                ""
-                if job
-                else f"; continue with resume={checkpoint}, or the same command with run_name={os.path.basename(self.run_dir)}"
-            )
+        array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+        job = f"{array_job}_{task}" if job and array_job and task else job
+        after = (
+            f"; continue with resume={checkpoint}, or the same command with run_name={os.path.basename(self.run_dir)}"
         )
+        if job:
+            after = "; the job's next start resumes from it"
+        if job and self.accelerator.is_main_process:
+            after = f"; {requeue(job, reason)}"
+        self.say(f"stopped at step {step} of {self.cfg.steps} on {reason}: checkpoint {checkpoint}{after}")
 
     def _halt_on_nonfinite(self, step: int, result: StepResult) -> None:
         """on_nonfinite=stop: keep the state before the bad step where it is still intact, then stop."""
@@ -481,7 +503,7 @@ class Trainer:
             else ""
         )
         epochs = self.recipe.data_steps(cfg.steps) / self.sampler.steps_per_epoch
-        self.accelerator.print(
+        self.say(
             f"{cfg.recipe}: {self.world_size} process(es) x micro-batch {cfg.micro_batch_size} x accumulation "
             f"{self.accumulation} = global batch {cfg.global_batch_size}; {cfg.steps} steps ({epochs:.2f} epochs); "
             f"peak lr {lrs}{scaling}; run directory {self.run_dir}"
