@@ -202,6 +202,7 @@ DEEPSPEED_CASE = {
     ],
     "gan": ["gan.generator.name=sgd", "gan.generator.momentum=0.9", "gan.generator.lr=0.05"],
 }
+DEEPSPEED_CASE["gan_r1"] = DEEPSPEED_CASE["gan"]
 
 
 def save_deepspeed_checkpoint(engine_config: str, output_dir: str) -> dict:

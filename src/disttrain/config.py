@@ -393,16 +393,20 @@ def _validate_deepspeed(cfg: Config, world_size: int) -> None:
     path = deepspeed_config_path(cfg)
     if not path:
         return
-    check_against_run(load_user_config(path), path, cfg, world_size)
+    user = load_user_config(path)
+    check_against_run(user, path, cfg, world_size)
     if cfg.on_nonfinite == "skip":
         raise ConfigError(
             "on_nonfinite=skip is not supported under DeepSpeed (its engines keep the reduced gradients "
             "until they step); use on_nonfinite=stop, which checkpoints the state before the bad step"
         )
-    if cfg.recipe == "gan" and cfg.gan.r1_gamma > 0:
+    stage = int(user.get("zero_optimization", {}).get("stage", 0))
+    if cfg.recipe == "gan" and cfg.gan.r1_gamma > 0 and stage >= 2:
+        # ZeRO 2 and 3 reduce gradients in a callback at the end of every backward pass, R1's
+        # input-gradient pass (torch.autograd.grad) included, and fail there.
         raise ConfigError(
-            "gan.r1_gamma>0 is not supported under DeepSpeed yet (its backward hooks fire on R1's "
-            "input-gradient pass); set gan.r1_gamma=0 or train the GAN on the DDP path"
+            f"gan.r1_gamma>0 is not supported under ZeRO stage {stage} (its end-of-backward reduction also "
+            "runs on R1's input-gradient pass); use ZeRO 1 (configs/deepspeed/zero1.json), gan.r1_gamma=0, or DDP"
         )
     if cfg.recipe == "seq2seq":
         # DeepSpeed runs one optimizer per model: encoder and decoder become two parameter groups
