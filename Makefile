@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: train test test-quick lint format install install-test clean
+.PHONY: train test test-quick bench lint format install install-test clean
 
 $(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
@@ -41,9 +41,19 @@ test: install-test
 test-quick: install-test
 	$(PY) -m pytest -m "not slow"
 
+## Benchmarks against a hand-written loop, Accelerate and Lightning; writes BENCHMARKS.md (about
+## 10 minutes on 2 cores). ARGS="--quick" for a short run, ARGS="--only gpu" on a GPU machine.
+$(VENV)/.install-bench: $(VENV)/.install pyproject.toml
+	$(PY) -m pip install --quiet -c $(VENV)/constraints.txt -e ".[bench]"
+	touch $@
+
+bench: $(VENV)/.install-bench
+	$(PY) -m bench $(ARGS)
+
 lint: install-test
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(VENV)/bin/hadolint --failure-threshold style docker/Dockerfile docker/Dockerfile.cpu
 
 format: install-test
 	$(PY) -m ruff check --fix .

@@ -38,3 +38,26 @@ def _fresh_accelerate_state():
 
     AcceleratorState._reset_state(reset_partial_state=True)
     PartialState._reset_state()
+
+
+DOCKER_BUILD_TEST = "tests/test_docker.py::test_cpu_image_builds_and_runs_tests_and_training"
+
+
+@pytest.hookimpl(trylast=True)  # after -m/-k have deselected what will not run
+def pytest_collection_modifyitems(config, items):
+    """The Docker image build is mostly downloads: start it now, in the background, and run its test
+    last, so that the suite's time is not the sum of both."""
+    build = [item for item in items if item.nodeid == DOCKER_BUILD_TEST]
+    if build:
+        items[:] = [item for item in items if item.nodeid != DOCKER_BUILD_TEST] + build
+        from tests.test_docker import PREBUILD
+
+        PREBUILD.start()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import sys
+
+    docker = sys.modules.get("tests.test_docker")
+    if docker is not None:
+        docker.PREBUILD.close()  # stops a daemon the tests started

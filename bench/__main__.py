@@ -1,0 +1,153 @@
+"""`python -m bench` (`make bench`): run every comparison, each as its own job, and write BENCHMARKS.md.
+
+    python -m bench                      # everything, 15 to 20 interleaved repetitions (8 to 12 minutes on 2 cores)
+    python -m bench --quick              # 3 repetitions and short blocks, for development
+    python -m bench --only loop,comm     # some sections (loop comm peers memory startup gpu)
+    python -m bench --render runs/bench/results.json   # rewrite BENCHMARKS.md from saved results
+
+Raw results go to runs/bench/results.json as each section finishes, so a failing section keeps
+the others. Nothing here asserts anything about time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from importlib import metadata
+from typing import Any
+
+from bench.harness import REPO, run_job
+
+SECTIONS = ("loop", "comm", "peers", "memory", "startup", "gpu")
+
+
+def environment() -> dict[str, Any]:
+    def version(package: str) -> str:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    with open("/proc/cpuinfo") as f:
+        names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    cpu = names[0] if names else platform.processor() or "unknown"
+    with open("/proc/meminfo") as f:
+        memory_gib = int(f.readline().split()[1]) / 2**20
+    git = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True)
+    try:
+        import torch
+
+        gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except ImportError:
+        gpus = []
+    return {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="minutes"),
+        "commit": git.stdout.strip() or "unknown",
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(memory_gib, 1),
+        "os": f"{platform.system()} {platform.release()}",
+        "gpus": gpus,
+        "python": platform.python_version(),
+        "versions": {p: version(p) for p in ("torch", "accelerate", "deepspeed", "lightning")},
+        "load_average_start": os.getloadavg(),
+    }
+
+
+def sections(quick: bool) -> dict[str, Callable[[], Any]]:
+    reps = 3 if quick else 15
+    common = ["--reps", str(reps), *(["--quick"] if quick else [])]
+
+    def loop() -> Any:
+        # The target needs the finest resolution: more, shorter repetitions than the other sections.
+        args = ["--reps", str(3 if quick else 20), *(["--quick"] if quick else [])]
+        return {w: run_job("bench.loop", ["--workload", w, *args]) for w in ("1m", "tiny")}
+
+    def peers() -> Any:
+        from bench.peers import lightning_version
+
+        if lightning_version() is None:
+            return {"skipped": "lightning is not installed (pip install -e '.[bench]')"}
+        return run_job("bench.peers", common)
+
+    def memory() -> Any:
+        from bench.memory import measure
+
+        return measure(repeats=1 if quick else 3)
+
+    def startup() -> Any:
+        from bench.startup import first_step_seconds, help_seconds
+
+        return {"help": help_seconds(3 if quick else 7), "first_step": first_step_seconds(1 if quick else 4)}
+
+    def gpu() -> Any:
+        import torch
+
+        if not torch.cuda.is_available():
+            return {"skipped": "no GPU in this run"}
+        from bench.gpu import measure
+
+        return measure(reps=3 if quick else 5, rounds=1 if quick else 2)
+
+    return {
+        "loop": loop,
+        "comm": lambda: run_job("bench.comm", common),
+        "peers": peers,
+        "memory": memory,
+        "startup": startup,
+        "gpu": gpu,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="3 repetitions, short blocks")
+    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {', '.join(SECTIONS)}")
+    parser.add_argument("--output", default=str(REPO / "BENCHMARKS.md"))
+    parser.add_argument("--results", default=str(REPO / "runs" / "bench" / "results.json"))
+    parser.add_argument("--render", metavar="RESULTS_JSON", help="only rewrite the report from saved results")
+    args = parser.parse_args()
+
+    from bench.report import render
+
+    if args.render:
+        with open(args.render) as f:
+            saved = json.load(f)
+    else:
+        chosen = [s.strip() for s in args.only.split(",") if s.strip()]
+        unknown = sorted(set(chosen) - set(SECTIONS))
+        if unknown:
+            parser.error(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
+        saved = {"environment": environment(), "quick": args.quick, "results": {}, "seconds": {}, "errors": {}}
+        os.makedirs(os.path.dirname(args.results), exist_ok=True)
+        for name, run in sections(args.quick).items():
+            if name not in chosen:
+                continue
+            print(f"bench: {name} ...", flush=True)
+            start = time.perf_counter()
+            try:
+                saved["results"][name] = run()
+            except Exception as e:  # one broken section must not lose the others' results
+                saved["errors"][name] = f"{type(e).__name__}: {e}"
+                print(f"bench: {name} failed: {saved['errors'][name][-2000:]}", file=sys.stderr, flush=True)
+            saved["seconds"][name] = time.perf_counter() - start
+            print(f"bench: {name} took {saved['seconds'][name]:.0f}s", flush=True)
+            saved["environment"]["load_average_end"] = os.getloadavg()
+            with open(args.results, "w") as f:
+                json.dump(saved, f, indent=1)
+    with open(args.output, "w") as f:
+        f.write(render(saved))
+    print(f"bench: wrote {args.output} (raw results in {args.render or args.results})")
+    if saved["errors"]:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

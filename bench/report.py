@@ -1,0 +1,412 @@
+"""BENCHMARKS.md from the raw results of `python -m bench`: medians, spreads and ratios."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench.harness import WORKLOADS, paired_differences, paired_ratios, spread
+
+LOOP_TARGET = 0.98  # the template's speed as a fraction of the hand-written loop's, on the 1m work
+
+
+def render(saved: dict[str, Any]) -> str:
+    env, results = saved["environment"], saved["results"]
+    out = [_header(env, saved), _summary(results)]
+    for name, section in (
+        ("loop", _loop),
+        ("comm", _comm),
+        ("memory", _memory),
+        ("startup", _startup),
+        ("peers", _peers),
+        ("gpu", _gpu),
+    ):
+        if name in results:
+            out.append(section(results[name]))
+        elif name in saved.get("errors", {}):
+            out.append(f"## {TITLES[name]}\n\nFailed in this run: `{saved['errors'][name][-600:]}`\n")
+        elif name == "gpu":
+            out.append(_gpu({"skipped": "not run"}))
+    return "\n".join(out)
+
+
+TITLES = {
+    "loop": "1. Loop overhead",
+    "comm": "2. Communication",
+    "memory": "3. Memory",
+    "startup": "4. Startup",
+    "peers": "5. Peers: PyTorch Lightning",
+    "gpu": "6. GPU throughput",
+}
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def _x(s: dict[str, float]) -> str:
+    return f"{s['median']:.3f}x ({s['q1']:.3f}–{s['q3']:.3f})"
+
+
+def _ms(s: dict[str, float], sign: bool = False) -> str:
+    fmt = "+.2f" if sign else ".2f"
+    return f"{s['median'] * 1e3:{fmt}} ms ({s['q1'] * 1e3:{fmt}} to {s['q3'] * 1e3:{fmt}})"
+
+
+def _pct(s: dict[str, float]) -> str:
+    return f"{s['median']:.1%} ({s['q1']:.1%} to {s['q3']:.1%})"
+
+
+def _speed_ratio(fast: list[float], base: list[float]) -> dict[str, float]:
+    """Steps per second of one side over another's, repetition by repetition (time base / time side)."""
+    return paired_ratios(base, fast)
+
+
+def _header(env: dict[str, Any], saved: dict[str, Any]) -> str:
+    v = env["versions"]
+    load = env.get("load_average_start", [0, 0, 0])
+    load_end = env.get("load_average_end", load)
+    quick = (
+        "\n**Quick mode** (`--quick`): few repetitions, short blocks; not for conclusions.\n" if saved["quick"] else ""
+    )
+    took = ", ".join(f"{k} {s:.0f} s" for k, s in saved.get("seconds", {}).items())
+    return f"""# Benchmarks
+
+Written by `make bench` (`python -m bench`) on {env["date"]}, commit `{env["commit"]}`. Benchmarks
+are not tests: nothing here asserts anything about time. Regenerate with `make bench`.
+{quick}
+- Machine: {env["cpu"]}, {env["cores"]} cores, {env["memory_gib"]} GiB, {env["os"]}; GPUs: {", ".join(env["gpus"]) or "none"}
+- Versions: Python {env["python"]}, torch {v["torch"]}, accelerate {v["accelerate"]}, deepspeed {v["deepspeed"]}, lightning {v["lightning"]}
+- Other processes may have shared the machine: load average {load[0]:.2f} at the start, {load_end[0]:.2f} at the end
+  (1-minute). That is why every comparison runs its sides in turn, in one job, on the same steps of the
+  same data, and why each figure is a median over repetitions with its interquartile range in parentheses.
+- Section wall times: {took or "n/a"}.
+"""
+
+
+def _summary(results: dict[str, Any]) -> str:
+    rows = []
+    loop = results.get("loop", {})
+    if "1m" in loop:
+        r = loop["1m"]
+        wall = _speed_ratio(r["seconds"]["template"], r["seconds"]["hand"])
+        cpu = _speed_ratio(r["cpu_seconds"]["template"], r["cpu_seconds"]["hand"])
+        verdict = "met" if wall["median"] >= LOOP_TARGET else "missed"
+        rows.append(
+            (
+                "Template / hand-written DDP loop, steps/s, 1.07 M model",
+                _x(wall),
+                f"≥ {LOOP_TARGET}x: {verdict}; by CPU time {_x(cpu)}",
+            )
+        )
+        wall = _speed_ratio(r["seconds"]["accelerate"], r["seconds"]["hand"])
+        cpu = _speed_ratio(r["cpu_seconds"]["accelerate"], r["cpu_seconds"]["hand"])
+        rows.append(("Accelerate `accumulate` / hand-written loop, 1.07 M model", _x(wall), f"by CPU time {_x(cpu)}"))
+        if "hand_copy" in r["seconds"]:
+            wall = _speed_ratio(r["seconds"]["hand_copy"], r["seconds"]["hand"])
+            cpu = _speed_ratio(r["cpu_seconds"]["hand_copy"], r["cpu_seconds"]["hand"])
+            rows.append(
+                (
+                    "Noise floor: the hand loop / an identical copy of it, 1.07 M model",
+                    _x(wall),
+                    f"by CPU time {_x(cpu)}; 1.000x with no noise",
+                )
+            )
+    if "tiny" in loop:
+        t = loop["tiny"]
+        ours, ours_cpu = _added(t, "template")
+        theirs, theirs_cpu = _added(t, "accelerate")
+        verdict = "met" if ours["median"] <= theirs["median"] else "missed"
+        rows.append(
+            (
+                "Template's added wall time per micro-step, tiny model",
+                _ms(ours, sign=True),
+                f"≤ Accelerate's: {verdict}; CPU per process {_ms(ours_cpu, sign=True)}",
+            )
+        )
+        rows.append(
+            (
+                "Accelerate's added wall time per micro-step, tiny model",
+                _ms(theirs, sign=True),
+                f"CPU per process {_ms(theirs_cpu, sign=True)}",
+            )
+        )
+    peers = results.get("peers", {})
+    if "seconds" in peers:
+        wall = _speed_ratio(peers["seconds"]["lightning"], peers["seconds"]["template"])
+        cpu = _speed_ratio(peers["cpu_seconds"]["lightning"], peers["cpu_seconds"]["template"])
+        rows.append(("Lightning / template, steps/s, 1.07 M model", _x(wall), f"by CPU time {_x(cpu)}"))
+    comm = results.get("comm", {})
+    if "counts" in comm:
+        c = comm["counts"]
+        floor = c["floor"]["gradient_bytes"]
+        rows.append(
+            (
+                "Gradient bytes all-reduced per step: template / floor",
+                f"{c['sides']['template']['gradient_bytes'] / floor:.2f}x",
+                f"sync every micro-step: {c['sides']['hand_sync_every']['gradient_bytes'] / floor:.2f}x",
+            )
+        )
+    if "count_allreduce_seconds" in comm and loop:
+        latency = comm["count_allreduce_seconds"]["median"]
+        shares = ", ".join(
+            f"{w} {latency / (spread(r['seconds']['template'])['median'] / r['steps_per_rep']):.2%}"
+            for w, r in loop.items()
+        )
+        rows.append(
+            (
+                "The template's item-count all-reduce, share of its step time",
+                shares,
+                _ms(comm["count_allreduce_seconds"]) + " per call",
+            )
+        )
+    if "gain" in comm:
+        for acc, g in comm["gain"].items():
+            s = g["seconds"]
+            rows.append(
+                (f"Time per step saved by skipping sync (template), accumulation {acc}", _pct(_gain(s, "template")), "")
+            )
+    memory = results.get("memory", {})
+    if "settings" in memory:
+        m = memory["settings"]
+        first, last = m[min(m, key=int)], m[max(m, key=int)]
+        rows.append(
+            (
+                f"Training peak memory, accumulation {max(m, key=int)} / 1 (same global batch)",
+                f"{last['training_peak_mib']['median'] / first['training_peak_mib']['median']:.2f}x",
+                "",
+            )
+        )
+    startup = results.get("startup", {})
+    if "first_step" in startup:
+        fs = startup["first_step"]
+        rows.append(
+            (
+                "Launch to first optimizer step: DeepSpeed ZeRO 2 / DDP (2 processes)",
+                f"{fs['deepspeed_zero2']['first_step']['median'] / fs['ddp']['first_step']['median']:.2f}x",
+                f"{fs['ddp']['first_step']['median']:.1f} s vs {fs['deepspeed_zero2']['first_step']['median']:.1f} s",
+            )
+        )
+    table = "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows)
+    return f"""## Summary
+
+| comparison | median (interquartile range) | target / note |
+|---|---|---|
+{table}
+"""
+
+
+def _added(run: dict[str, Any], side: str) -> tuple[dict[str, float], dict[str, float]]:
+    """Wall and per-process CPU seconds that `side` adds to the hand loop per micro-step."""
+    micro = run["steps_per_rep"] * run["accumulation"]
+    wall = paired_differences(run["seconds"][side], run["seconds"]["hand"], micro)
+    cpu = paired_differences(run["cpu_seconds"][side], run["cpu_seconds"]["hand"], micro * run["world_size"])
+    return wall, cpu
+
+
+def _gain(seconds: dict[str, list[float]], side: str) -> dict[str, float]:
+    """Share of the sync-every-micro-step time that `side` saves, repetition by repetition."""
+    return spread([1 - t / base for t, base in zip(seconds[side], seconds["hand_sync_every"], strict=True)])
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def _loop(loop: dict[str, Any]) -> str:
+    rows = []
+    for workload, r in loop.items():
+        s, c, steps = r["seconds"], r["cpu_seconds"], r["steps_per_rep"]
+        hand_step = spread([t / steps for t in s["hand"]])
+        for side in ("template", "accelerate", "hand_copy"):
+            if side not in s:
+                continue
+            wall, cpu = _added(r, side)
+            rows.append(
+                f"| {workload} ({r['parameters'] / 1e6:.3g} M) | {side} | {_x(_speed_ratio(s[side], s['hand']))} "
+                f"| {_x(_speed_ratio(c[side], c['hand']))} | {_ms(wall, sign=True)} | {_ms(cpu, sign=True)} "
+                f"| {_ms(spread([t / steps for t in s[side]]))} | {_ms(hand_step)} |"
+            )
+    any_run = next(iter(loop.values()))
+    return f"""## {TITLES["loop"]}
+
+Optimizer steps per second of the template's `Trainer.train_step` and of Accelerate's documented
+`accumulate` loop, each over a minimal hand-written DDP loop (`no_sync` around forward and backward
+of all micro-batches but the last, mean loss / accumulation, clip, step, zero) doing the same work:
+seq2seq Transformer (`bench/harness.py` WORKLOADS), world size {any_run["world_size"]} (gloo, one thread per
+process), accumulation {any_run["accumulation"]}, micro-batch {", ".join(f"{w}: {r['micro_batch']}" for w, r in loop.items())},
+the same micro-batches and AdamW settings on every side. Each of {any_run["reps"]} repetitions times
+{", ".join(f"{r['steps_per_rep']} steps ({w})" for w, r in loop.items())} per side, sides in a shuffled order. `hand_copy` is a second, identical hand loop: its figures
+show how far this run's noise alone moves a ratio.
+Speed: steps/s of the side over the hand loop's, per repetition, by wall-clock time (the target's
+measure) and by CPU time summed over the processes (which leaves out time spent descheduled by other
+load on the machine, and time blocked in collectives). Added: (side − hand) per micro-step, wall
+time, and CPU time per process. The template's one extra all-reduce per step (the window's item
+counts) is inside these figures.
+
+| model | side | speed vs hand loop (wall) | (CPU) | added per micro-step (wall) | (CPU per process) | time per step | hand loop per step |
+|---|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+1m: `{" ".join(WORKLOADS["1m"])}`; tiny: `{" ".join(WORKLOADS["tiny"])}` (configs/debug.yaml's size).
+"""
+
+
+def _comm(comm: dict[str, Any]) -> str:
+    c = comm["counts"]
+    floor = c["floor"]
+    rows = []
+    for name, label in (
+        ("template", "template"),
+        ("hand_no_sync", "hand loop, `no_sync`"),
+        ("hand_sync_every", "hand loop, sync every micro-step"),
+    ):
+        d = c["sides"][name]
+        rows.append(
+            f"| {label} | {d['gradient_calls']:.0f} | {d['gradient_bytes'] / 1e6:.3f} | "
+            f"{d['gradient_bytes'] / floor['gradient_bytes']:.2f}x | {d['other_calls']:.0f} | {d['other_bytes']:.0f} |"
+        )
+    rows.append(f"| floor: one reduction of the gradients | 1 | {floor['gradient_bytes'] / 1e6:.3f} | 1.00x | 0 | 0 |")
+    gain_rows = []
+    for acc, g in comm["gain"].items():
+        s, steps = g["seconds"], g["steps_per_rep"]
+        sync_step = spread([t / steps for t in s["hand_sync_every"]])
+        gain_rows.append(
+            f"| {acc} | {_ms(sync_step)} | {_pct(_gain(s, 'hand_no_sync'))} | {_pct(_gain(s, 'template'))} |"
+        )
+    latency = comm["count_allreduce_seconds"]
+    return f"""## {TITLES["comm"]}
+
+All-reduces per optimizer step on the 1m model, accumulation {c["accumulation"]}, world size {comm["world_size"]},
+{c["parameters"]:,} parameters (float32 gradients). Gradient all-reduces are counted by a DDP comm
+hook wrapping the default all-reduce; "other" is every other `torch.distributed.all_reduce` of the
+step. DDP splits one reduction into buckets (25 MB, the first one 1 MB), so the floor's one
+reduction is {c["sides"]["hand_no_sync"]["gradient_calls"]:.0f} calls here.
+
+| side | gradient all-reduce calls | MB | vs floor | other all-reduces | their bytes |
+|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+The template's other all-reduce is the window's item count (one float64 per loss term). Alone, back to
+back, it takes {_ms(latency)} per call here.
+
+Wall-clock gain of skipping sync: time per optimizer step saved against the same hand-written
+loop synchronising on every micro-step, per repetition ({comm["reps"]} repetitions, sides in turn,
+{", ".join(f"{g['steps_per_rep']} steps at {a}" for a, g in comm["gain"].items())} per block).
+
+| accumulation | sync every micro-step, per step | saved by hand loop with `no_sync` | saved by the template |
+|---|---|---|---|
+{chr(10).join(gain_rows)}
+
+At accumulation 1 there is nothing to skip: that row shows the noise (hand loop) and the template's
+fixed cost per optimizer step (item-count all-reduce, bookkeeping) against a plain loop.
+"""
+
+
+def _memory(m: dict[str, Any]) -> str:
+    settings = m["settings"]
+    base = settings[min(settings, key=int)]["training_peak_mib"]["median"]
+    rows = [
+        f"| {acc} | {s['micro_batch']} | {s['training_peak_mib']['median']:.1f} "
+        f"({s['training_peak_mib']['q1']:.1f}–{s['training_peak_mib']['q3']:.1f}) | "
+        f"{s['training_peak_mib']['median'] / base:.2f}x | {s['process_peak_mib']['median']:.0f} |"
+        for acc, s in sorted(settings.items(), key=lambda kv: int(kv[0]))
+    ]
+    return f"""## {TITLES["memory"]}
+
+One process, the template's trainer, the 1m model, global batch {m["global_batch"]} as one batch
+(accumulation 1) or in micro-batches. Each setting in a fresh process, {m["repeats"]} run(s) each, settings
+in turn. Method: the kernel's peak resident set (`VmHWM`), reset (`/proc/self/clear_refs`) just
+before two optimizer steps; "training peak" is that peak minus the resident set before the steps
+(activations, gradients, optimizer state, allocator slack). torch's CPU allocator takes memory
+straight from the system, so the resident set sees every tensor; tracemalloc would not.
+
+| accumulation | micro-batch | training peak, MiB | vs one batch | whole process peak, MiB |
+|---|---|---|---|---|
+{chr(10).join(rows)}
+"""
+
+
+def _startup(st: dict[str, Any]) -> str:
+    fs = st["first_step"]
+    rows = [
+        f"| {name} | {s['config']['median']:.2f} | {s['trainer']['median']:.2f} | "
+        f"{s['first_step']['median']:.2f} ({s['first_step']['q1']:.2f}–{s['first_step']['q3']:.2f}) |"
+        for name, s in fs.items()
+    ]
+    h = st["help"]
+    return f"""## {TITLES["startup"]}
+
+`python train.py --help`: {h["median"]:.2f} s ({h["q1"]:.2f}–{h["q3"]:.2f}), {h["n"]} runs.
+
+From starting `accelerate launch` (2 processes, `configs/debug.yaml`) to the end of each stage on
+rank 0, seconds, {next(iter(fs.values()))["first_step"]["n"]} runs each, the two in turn. DeepSpeed's
+shared-memory op comes from its cache (`TORCH_EXTENSIONS_DIR=.cache/torch_extensions`): its one-time
+compile (30 to 80 s) is not counted.
+
+| launcher config | config parsed | trainer built | first optimizer step done |
+|---|---|---|---|
+{chr(10).join(rows)}
+"""
+
+
+def _peers(p: dict[str, Any]) -> str:
+    if "skipped" in p:
+        return f"## {TITLES['peers']}\n\nNot measured: {p['skipped']}.\n"
+    s, c = p["seconds"], p["cpu_seconds"]
+    steps = p["steps_per_rep"]
+    rows = [
+        f"| {side} | {_x(_speed_ratio(s[side], s['template']))} | {_x(_speed_ratio(c[side], c['template']))} "
+        f"| {_ms(spread([t / steps for t in s[side]]))} |"
+        for side in ("lightning", "hand")
+    ]
+    return f"""## {TITLES["peers"]}
+
+PyTorch Lightning {p["lightning"]} `Trainer(accumulate_grad_batches={p["accumulation"]}, strategy="ddp")` on the
+same model, micro-batches, loss (mean / accumulation) and AdamW settings as the others (one
+optimizer with the encoder's and decoder's parameter groups: Lightning's automatic optimization takes
+one; clipped per half like the others), no logger, progress bar, summary or checkpoints. Lightning
+drives its loop; a callback stops its clock after each block of {steps} steps and runs the template and
+the hand loop on the same steps. {p["reps"]} repetitions, 1m model, world size {p["world_size"]}. Lightning made
+{p["lightning_steps"]} optimizer steps and its clipping hook ran {p["lightning_clipped_steps"]} times.
+
+| side | speed vs template (wall) | (CPU) | time per step |
+|---|---|---|---|
+{chr(10).join(rows)}
+| template | 1 | 1 | {_ms(spread([t / steps for t in s["template"]]))} |
+"""
+
+
+def _gpu(g: dict[str, Any]) -> str:
+    command = 'make bench ARGS="--only gpu"'
+    if "skipped" in g:
+        return f"""## {TITLES["gpu"]}
+
+Not measured: no GPU in this run. On a machine with CUDA GPUs (torch built for CUDA, e.g.
+`make install TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"`):
+
+    {command}
+
+It runs each recipe (bench/gpu.py RECIPE_ARGS: larger models than the CPU defaults) in bf16 on one
+process per GPU, DDP against DeepSpeed ZeRO 2 in alternating jobs, and records samples/s and model
+FLOPs utilisation (FLOPs counted by `torch.utils.flop_counter`, over the GPU's dense bf16 peak) with the
+GPU's name. Checked on CPU only (`--cpu-smoke`), where ZeRO 2 in bf16 fails for the classifier and the
+GAN (float inputs meet bf16 weights: the DeepSpeed engine casts the model, not the batch).
+"""
+    rows = []
+    for key, r in g.items():
+        if "error" in r:
+            rows.append(f"| {key} | failed: `{r['error'][-200:]}` | | |")
+            continue
+        per_step = spread([t / r["steps_per_rep"] for t in r["seconds"]])
+        samples = r["samples_per_step"] / per_step["median"]
+        mfu = "n/a"
+        if r["flops_per_step"] and r["peak_flops_per_gpu"]:
+            mfu = f"{r['flops_per_step'] / per_step['median'] / (r['peak_flops_per_gpu'] * r['world_size']):.1%}"
+        rows.append(f"| {key} | {samples:,.0f} | {mfu} | {_ms(per_step)} |")
+    device = next((r["device"] for r in g.values() if "device" in r), "unknown")
+    return f"""## {TITLES["gpu"]}
+
+{device}; bf16; one process per GPU; DDP and DeepSpeed ZeRO 2 in alternating jobs; `{command}`.
+
+| recipe / engine | samples/s | MFU | time per step |
+|---|---|---|---|
+{chr(10).join(rows)}
+"""

@@ -1,0 +1,36 @@
+"""The benchmark harness still runs against the current trainer: one repetition of the loop
+comparison on the tiny model, 2 processes, and its report. Nothing about time is asserted."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.harness import run_job
+from bench.report import render
+
+pytestmark = pytest.mark.slow
+
+
+def test_loop_comparison_runs_one_repetition_and_renders():
+    result = run_job(
+        "bench.loop", ["--workload", "tiny", "--reps", "1", "--quick", "--steps-per-rep", "2"], timeout=120
+    )
+
+    assert result["world_size"] == 2 and result["accumulation"] == 8
+    assert result["parameters"] > 0
+    assert set(result["seconds"]) == {"template", "hand", "accelerate", "hand_copy"}
+    assert all(len(times) == 1 and times[0] > 0 for times in result["seconds"].values())
+
+    environment = {
+        "date": "today",
+        "commit": "test",
+        "cpu": "cpu",
+        "cores": 2,
+        "memory_gib": 1,
+        "os": "os",
+        "gpus": [],
+        "python": "3",
+        "versions": {p: "0" for p in ("torch", "accelerate", "deepspeed", "lightning")},
+    }
+    report = render({"environment": environment, "quick": True, "results": {"loop": {"tiny": result}}})
+    assert "| tiny (" in report and "Template's added wall time per micro-step" in report
