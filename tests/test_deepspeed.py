@@ -148,3 +148,13 @@ def test_a_deepspeed_checkpoint_becomes_one_safetensors_file(tmp_path, stage):
     assert {f"model.{k}" for k in exported} == trained.keys()
     for name, value in exported.items():
         torch.testing.assert_close(value, trained[f"model.{name}"], rtol=0, atol=0)
+
+
+def test_bf16_under_deepspeed_trains_recipes_with_float_inputs():
+    # DeepSpeed casts the weights to bf16 but not the inputs; the trainer autocasts them. Against the
+    # float64 reference at bf16's precision: a wrong scale or a missed step is off by O(1).
+    cases = [(r, "short", 4, "configs/deepspeed/zero2.json") for r in ("classifier", "gan")]
+    with tempfile.TemporaryDirectory() as out:
+        got = run_distributed(run_engine_cases, 2, cases, out, STEPS, "mixed_precision=bf16", timeout=300)[0]
+    for case in cases:
+        assert_same({k: v.double() for k, v in got[case].items()}, reference(case[0]), f"bf16 {case}", 3e-2, 3e-3)

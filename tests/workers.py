@@ -171,15 +171,15 @@ def same_state(a, b) -> bool:
     return a == b
 
 
-def run_engine_cases(cases: list[tuple[str, str, int, str]], output_dir: str, steps: int = 3) -> dict:
+def run_engine_cases(cases: list[tuple[str, str, int, str]], output_dir: str, steps: int = 3, *extra: str) -> dict:
     """Train each (recipe, window, accumulation, engine) case in float32, where engine is "ddp" or a
     DeepSpeed JSON; keep the final weights (ZeRO keeps gradients in its own partitions)."""
     from disttrain.engine import gathered
 
     out = {}
     for recipe, window, accumulation, engine in cases:
-        extra = [*DEEPSPEED_CASE[recipe], *([] if engine == "ddp" else [f"deepspeed={engine}"])]
-        trainer = make_trainer(recipe, window, accumulation, output_dir, steps, *extra, float64=False)
+        args = [*DEEPSPEED_CASE[recipe], *([] if engine == "ddp" else [f"deepspeed={engine}"]), *extra]
+        trainer = make_trainer(recipe, window, accumulation, output_dir, steps, *args, float64=False)
         for step in range(steps):
             trainer.train_step(step)
         exported = trainer.recipe.exported_models()

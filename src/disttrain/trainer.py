@@ -169,7 +169,7 @@ class Trainer:
             MicroBatch(send_to_device(phase.make_batch(p), device), p.stand_in)
             for p in self.sampler.window(phase.data_step, self.rank, self.world_size)
         ]
-        with frozen(phase.frozen):
+        with frozen(phase.frozen), self._engine_precision():
             window = accumulate_window(
                 self.accelerator,
                 [self.models[name] for name in phase.models],
@@ -200,6 +200,13 @@ class Trainer:
         if phase.after_update is not None and not (update.skipped or update.nonfinite):
             phase.after_update()
         return update
+
+    def _engine_precision(self) -> contextlib.AbstractContextManager:
+        """DeepSpeed's bf16 casts the model's weights but not its float inputs: autocast matches them
+        (Accelerate does the same for its own bf16 models)."""
+        if self.cfg.deepspeed and self.cfg.mixed_precision == "bf16":
+            return torch.autocast(device_type=self.accelerator.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def _any_process(self, flag: torch.Tensor) -> bool:
         return bool(self.accelerator.reduce(flag.float().reshape(1).to(self.accelerator.device), reduction="sum") > 0)
@@ -437,6 +444,7 @@ class Trainer:
         partitioned = any(hasattr(p, "ds_id") for m in models.values() for p in m.parameters())
         rank, world = (0, 1) if partitioned else (self.rank, self.world_size)
         with contextlib.ExitStack() as full:
+            full.enter_context(self._engine_precision())
             for m in models.values():
                 full.enter_context(gathered(m))
                 m.eval()

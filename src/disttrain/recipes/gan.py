@@ -200,7 +200,9 @@ class GANRecipe(Recipe):
         with gathered(live):  # ZeRO 3 partitions the live weights
             if next(self.ema.parameters()).device != next(live.parameters()).device:
                 self.ema.to(next(live.parameters()).device)
-            torch._foreach_lerp_(list(self.ema.parameters()), list(live.parameters()), 1.0 - self.cfg.ema_decay)
+            # Under DeepSpeed bf16 the live weights are bf16 copies of the engine's fp32 master weights.
+            weights = [p.to(e.dtype) for e, p in zip(self.ema.parameters(), live.parameters(), strict=True)]
+            torch._foreach_lerp_(list(self.ema.parameters()), weights, 1.0 - self.cfg.ema_decay)
 
     # ------------------------------------------------------------------ evaluation
 
