@@ -70,9 +70,15 @@ def sync_context(accelerator: Accelerator, models: Sequence[nn.Module], sync: bo
     loss term of a micro-step would start a new DDP iteration before the first one reduced. A DDP
     model therefore gets its own `no_sync`.
     """
+    return _sync_context(accelerator, models, [is_deepspeed_engine(m) for m in models], sync)
+
+
+def _sync_context(
+    accelerator: Accelerator, models: Sequence[nn.Module], engine: Sequence[bool], sync: bool
+) -> contextlib.ExitStack:
     stack = contextlib.ExitStack()
-    for model in models:
-        if is_deepspeed_engine(model):
+    for model, is_engine in zip(models, engine, strict=True):
+        if is_engine:
             # The engine reduces (ZeRO 1) or steps only at a boundary it is told of; its own count
             # of micro-steps is switched off (gradient_accumulation_steps 1).
             model.set_gradient_accumulation_boundary(sync)
@@ -84,14 +90,6 @@ def sync_context(accelerator: Accelerator, models: Sequence[nn.Module], sync: bo
 
 def is_deepspeed_engine(model: nn.Module) -> bool:
     return hasattr(model, "set_gradient_accumulation_boundary")
-
-
-def backward(accelerator: Accelerator, models: Sequence[nn.Module], loss: torch.Tensor) -> None:
-    engines = [m for m in models if is_deepspeed_engine(m)]
-    if engines:  # one trained engine per window (the trainer checks): it runs the backward
-        engines[0].backward(loss, scale_wrt_gas=False)
-    else:
-        accelerator.backward(loss)
 
 
 def accumulate_window(
@@ -108,30 +106,50 @@ def accumulate_window(
     each loss term's item count without a forward (samples, or valid tokens); `losses(batch)` yields
     `(term, summed loss)` in the order of `terms`, each backpropagated at once so that its graph is
     freed before the next term is computed.
+
+    Everything that does not depend on the micro-batch is done once per window: the loop adds one
+    multiply per loss term to a plain training loop (measured in bench/).
     """
     device = accelerator.device
-    local_counts = torch.zeros(len(terms), dtype=torch.float64, device=device)
-    for mb in micro_batches:
-        if not mb.stand_in:
-            counts = item_counts(mb.batch)
-            local_counts += torch.stack([torch.as_tensor(counts[t], device=device).double() for t in terms])
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    counted = [item_counts(mb.batch) for mb in micro_batches if not mb.stand_in]
+    local_counts = torch.stack(
+        [
+            torch.stack([torch.as_tensor(c[t], device=device) for c in counted]).double().sum() if counted else zero
+            for t in terms
+        ]
+    )
     global_counts = accelerator.reduce(local_counts, reduction="sum")
     scales = accelerator.num_processes / global_counts.clamp(min=1.0)
+    weights: dict[torch.dtype, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] = {}  # (real, stand-in)
 
-    loss_sums = torch.zeros_like(local_counts)
+    engine = [is_deepspeed_engine(m) for m in models]
+    engines = [m for m, e in zip(models, engine, strict=True) if e]  # one per window (the trainer checks)
+    plain = not engines and accelerator.scaler is None  # Accelerate's backward would only divide by 1
+    sums: list[list[torch.Tensor]] = [[] for _ in terms]
     last_micro, last_term = len(micro_batches) - 1, len(terms) - 1
     for i, mb in enumerate(micro_batches):
-        weights = scales * 0.0 if mb.stand_in else scales
         stream = losses(mb.batch)
         for j, term in enumerate(terms):
-            with sync_context(accelerator, models, sync=(i == last_micro and j == last_term)):
+            with _sync_context(accelerator, models, engine, sync=(i == last_micro and j == last_term)):
                 name, loss = next(stream)
                 if name != term:
                     raise RuntimeError(f"the recipe yielded loss '{name}' where '{term}' was expected (order: {terms})")
-                backward(accelerator, models, loss * weights[j].to(loss.dtype))
-            loss_sums[j] += 0.0 if mb.stand_in else loss.detach().double()
+                if loss.dtype not in weights:
+                    typed = scales.to(loss.dtype)
+                    weights[loss.dtype] = (typed.unbind(), (typed * 0.0).unbind())
+                scaled = loss * weights[loss.dtype][mb.stand_in][j]
+                if plain:
+                    scaled.backward()
+                elif engines:
+                    engines[0].backward(scaled, scale_wrt_gas=False)
+                else:
+                    accelerator.backward(scaled)
+            if not mb.stand_in:
+                sums[j].append(loss.detach())
         if next(stream, None) is not None:
             raise RuntimeError(f"the recipe yielded more losses than its terms {tuple(terms)}")
+    loss_sums = torch.stack([torch.stack(s).double().sum() if s else zero for s in sums])
     return WindowResult(loss_sums=loss_sums, counts=global_counts)
 
 
