@@ -40,24 +40,29 @@ def _fresh_accelerate_state():
     PartialState._reset_state()
 
 
-DOCKER_BUILD_TEST = "tests/test_docker.py::test_cpu_image_builds_and_runs_tests_and_training"
+# Tests whose work is mostly waiting (downloads) or single-threaded: started in the background as
+# soon as they are collected, and run last, so that the suite's time is not the sum of both.
+BACKGROUND = {
+    "tests/test_docker.py::test_cpu_image_builds_and_runs_tests_and_training": ("tests.test_docker", "PREBUILD"),
+    "tests/test_quality.py::test_default_seq2seq_run_reaches_its_target": ("tests.test_quality", "SEQ2SEQ"),
+    "tests/test_quality.py::test_gan_run_covers_all_modes_with_high_quality_samples": ("tests.test_quality", "GAN"),
+}
 
 
 @pytest.hookimpl(trylast=True)  # after -m/-k have deselected what will not run
 def pytest_collection_modifyitems(config, items):
-    """The Docker image build is mostly downloads: start it now, in the background, and run its test
-    last, so that the suite's time is not the sum of both."""
-    build = [item for item in items if item.nodeid == DOCKER_BUILD_TEST]
-    if build:
-        items[:] = [item for item in items if item.nodeid != DOCKER_BUILD_TEST] + build
-        from tests.test_docker import PREBUILD
+    import importlib
 
-        PREBUILD.start()
+    chosen = [item for item in items if item.nodeid in BACKGROUND]
+    items[:] = [item for item in items if item.nodeid not in BACKGROUND] + chosen
+    for item in chosen:
+        module, name = BACKGROUND[item.nodeid]
+        getattr(importlib.import_module(module), name).start()
 
 
 def pytest_sessionfinish(session, exitstatus):
     import sys
 
-    docker = sys.modules.get("tests.test_docker")
-    if docker is not None:
-        docker.PREBUILD.close()  # stops a daemon the tests started
+    for module, name in set(BACKGROUND.values()):
+        if module in sys.modules:
+            getattr(sys.modules[module], name).close()  # a daemon the tests started, a run still going

@@ -1,25 +1,71 @@
-"""The README's promises about the default runs, checked by running them (the longest tests)."""
+"""The README's promises about the default runs, checked by running them (the longest tests).
+
+Each run starts in the background as soon as the session has collected its test (conftest.py), on
+one thread, so that it uses the CPU time the multi-process tests leave idle; its test, run last,
+waits for it.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import sys
+import tempfile
 
 import pytest
 
-from tests.test_launch import launch
+from tests.launcher import REPO
 
 pytestmark = pytest.mark.slow
 
 
-def test_default_seq2seq_run_reaches_its_target(tmp_path):
-    out = launch(
-        [sys.executable], "config=configs/seq2seq.yaml", f"output_dir={tmp_path}", "progress_bar=false", timeout=400
-    ).stdout
+class BackgroundRun:
+    """`python train.py ARGS` in a fresh directory, started early and awaited by its test."""
+
+    def __init__(self, *args: str) -> None:
+        self.args = args
+        self.proc: subprocess.Popen | None = None
+        self.out_dir = ""
+
+    def start(self) -> None:
+        if self.proc is None:
+            self.out_dir = tempfile.mkdtemp(prefix="disttrain-quality-")
+            self.proc = subprocess.Popen(
+                [sys.executable, "train.py", *self.args, f"output_dir={self.out_dir}", "progress_bar=false"],
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
+            )
+
+    def output(self, timeout: float = 600) -> str:
+        self.start()  # the test alone, or collected without conftest's hook
+        assert self.proc is not None
+        try:
+            out, _ = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            raise AssertionError(f"no result after {timeout}s:\n{e.output}") from e
+        assert self.proc.returncode == 0, out[-3000:]
+        return out
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
+        shutil.rmtree(self.out_dir, ignore_errors=True)
+
+
+SEQ2SEQ = BackgroundRun("config=configs/seq2seq.yaml")
+GAN = BackgroundRun("config=configs/gan.yaml")
+
+
+def test_default_seq2seq_run_reaches_its_target():
+    out = SEQ2SEQ.output()
     assert "on held-out sequences (reached the 95% target)" in out, out[-2000:]
 
 
-def test_gan_run_covers_all_modes_with_high_quality_samples(tmp_path):
-    out = launch(
-        [sys.executable], "config=configs/gan.yaml", f"output_dir={tmp_path}", "progress_bar=false", timeout=400
-    ).stdout
+def test_gan_run_covers_all_modes_with_high_quality_samples():
+    out = GAN.output()
     assert "8 of 8 modes covered" in out and "(reached the target of 8 modes and 90%)" in out, out[-2000:]
