@@ -22,7 +22,8 @@ pytestmark = pytest.mark.slow
 
 STAGES = [f"configs/deepspeed/zero{s}.json" for s in ("1", "2", "3", "2_offload", "3_offload")]
 RECIPES = ("classifier", "seq2seq", "gan")
-CASES = [(r, "short", a, e) for r, a, e in itertools.product(RECIPES, (1, 4), STAGES)]
+# The offload variants move optimizer state, not the accumulation: accumulation 4 covers them.
+CASES = [(r, "short", a, e) for r, a, e in itertools.product(RECIPES, (1, 4), STAGES) if a == 4 or "offload" not in e]
 # R1 (lazy, hinge, 2 D steps) runs on ZeRO 1; ZeRO 2 and 3 are refused with it.
 CASES += [("gan_r1", "short", a, "configs/deepspeed/zero1.json") for a in (1, 4)]
 PARITY = [(r, "short", 4, "ddp") for r in ("classifier", "gan")]

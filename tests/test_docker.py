@@ -39,13 +39,12 @@ IMAGE = "disttrain:cpu-test"
 # run and the layers after it stay cached; another free port only if it is taken.
 INDEX_PORT = 18477
 # A representative part of the quick suite, inside the image: config checks, world-size-invariant
-# data, the boundary update, and a 2-process gloo run against its reference. The whole quick suite
+# data, and a 2-process gloo run against its reference. The whole quick suite
 # took nearly 10 minutes inside the image on a busy 2-core machine, far over this test's budget; it
 # runs outside the image anyway.
 IN_IMAGE_TESTS = [
     "tests/test_config.py",
     "tests/test_windows.py",
-    "tests/test_update.py",
     "tests/test_sync.py::test_ranks_differ_between_boundaries_and_agree_at_them[seq2seq_aux]",
 ]
 
