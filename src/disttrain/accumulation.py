@@ -162,7 +162,7 @@ def apply_update(
     scaler = accelerator.scaler
     if scaler is not None:
         for g in groups:
-            scaler.unscale_(_unwrap_optimizer(g.optimizer))
+            scaler.unscale_(unwrap_optimizer(g.optimizer))
     norms = {
         g.name: nn.utils.clip_grad_norm_(g.params, g.clip_grad_norm if g.clip_grad_norm > 0 else math.inf)
         for g in groups
@@ -175,7 +175,7 @@ def apply_update(
         skipped = not all(bool(torch.isfinite(n)) for n in norms.values())
         if not skipped:
             for g in groups:
-                scaler.step(_unwrap_optimizer(g.optimizer))
+                scaler.step(unwrap_optimizer(g.optimizer))
         scaler.update()
     else:
         # After the all-reduce every process holds the same gradients, so this local check is the
@@ -192,7 +192,7 @@ def apply_update(
     return UpdateResult(grad_norms=norms, skipped=skipped, nonfinite=nonfinite)
 
 
-def _unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return getattr(optimizer, "optimizer", optimizer)  # AcceleratedOptimizer keeps the torch one here
 
 

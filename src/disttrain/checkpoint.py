@@ -28,7 +28,8 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
-from disttrain.config import Config, to_yaml
+from disttrain.accumulation import unwrap_optimizer
+from disttrain.config import Config, flat_items, to_yaml
 from disttrain.engine import gathered
 
 if TYPE_CHECKING:
@@ -125,7 +126,7 @@ def save_checkpoint(trainer: Trainer, step: int) -> str:
         for name, engine in trainer.models.items():
             engine.save_checkpoint(os.path.join(tmp, "deepspeed", name), tag="state", save_latest=False)
     elif main:
-        optimizers = {g.name: _unwrapped(g.optimizer).state_dict() for g in trainer.groups}
+        optimizers = {g.name: unwrap_optimizer(g.optimizer).state_dict() for g in trainer.groups}
         torch.save(optimizers, os.path.join(tmp, "optimizers.pt"))
     if main:
         torch.save(trainer.state_dict(step), os.path.join(tmp, "trainer.pt"))
@@ -160,10 +161,6 @@ def _fsync(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _unwrapped(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    return getattr(optimizer, "optimizer", optimizer)  # AcceleratedOptimizer keeps the torch one here
 
 
 def _rng_state() -> dict[str, Any]:
@@ -222,21 +219,11 @@ def _run_dir_of(path: str) -> str:
 
 def incompatibilities(saved: Config | dict, current: Config) -> list[str]:
     """`key: saved -> current` for every setting that changes the update and differs."""
-    old = _flat(OmegaConf.to_container(OmegaConf.create(to_yaml(saved) if isinstance(saved, Config) else saved)))
-    new = _flat(OmegaConf.to_container(OmegaConf.structured(current)))
+    old = flat_items(OmegaConf.to_container(OmegaConf.create(to_yaml(saved) if isinstance(saved, Config) else saved)))
+    new = flat_items(OmegaConf.to_container(OmegaConf.structured(current)))
     free = lambda key: any(key == k or key.startswith(k + ".") for k in RESUMABLE_CHANGES)  # noqa: E731
     keys = sorted((old.keys() | new.keys()) - {k for k in old.keys() | new.keys() if free(k)})
     return [f"{k}: {old.get(k, '<absent>')} -> {new.get(k, '<absent>')}" for k in keys if old.get(k) != new.get(k)]
-
-
-def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in node.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def load_checkpoint(trainer: Trainer, path: str) -> dict[str, Any]:
@@ -279,7 +266,7 @@ def load_checkpoint(trainer: Trainer, path: str) -> dict[str, Any]:
     else:
         optimizers = _safe_load(os.path.join(path, "optimizers.pt"), path)
         for g in trainer.groups:
-            _unwrapped(g.optimizer).load_state_dict(optimizers[g.name])
+            unwrap_optimizer(g.optimizer).load_state_dict(optimizers[g.name])
 
     state = _safe_load(os.path.join(path, "trainer.pt"), path)
     for g in trainer.groups:

@@ -205,13 +205,15 @@ def _nested_type(cls: type, f: Any) -> type | None:
     return type(value) if is_dataclass(value) else None
 
 
-def _flatten(node: Any, prefix: str = "") -> list[str]:
-    if isinstance(node, dict):
-        out = []
-        for k, v in node.items():
-            out += _flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
-        return out
-    return []
+def flat_items(node: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> leaf value of a nested dict (a loaded YAML file, a resolved config)."""
+    out: dict[str, Any] = {}
+    for k, v in node.items():
+        if isinstance(v, dict):
+            out.update(flat_items(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _check_known(keys: list[str], origin: str) -> None:
@@ -252,7 +254,7 @@ def load_config(argv: list[str], world_size: int | None = None) -> Config:
             file_cfg = OmegaConf.load(config_path)
         except Exception as e:  # a YAML syntax error names the line
             raise ConfigError(f"config={config_path}: not valid YAML ({str(e).splitlines()[0]})") from e
-        _check_known(_flatten(OmegaConf.to_container(file_cfg)), f"in {config_path}")
+        _check_known(list(flat_items(OmegaConf.to_container(file_cfg))), f"in {config_path}")
         layers.append((file_cfg, config_path))
     for item in overrides:
         key = item.split("=", 1)[0]

@@ -13,13 +13,13 @@ import importlib.util
 import logging
 import netrc
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from omegaconf import OmegaConf
 
-from disttrain.config import Config, ConfigError
+from disttrain.config import Config, ConfigError, flat_items
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -105,13 +105,9 @@ def resolved_config(cfg: Config) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
 
 
-def _flat(tree: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """Dotted keys with scalar values: TensorBoard's hyperparameters take no nesting, lists or None."""
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            yield from _flat(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value if isinstance(value, (bool, int, float, str)) else str(value)
+def _scalars(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """TensorBoard's hyperparameters take no lists or None: those become strings."""
+    return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in flat.items()}
 
 
 class Tracking:
@@ -151,7 +147,7 @@ class Tracking:
             found_id = cls._start_wandb(cfg, accelerator, run_dir, run_name, run_id)
         elif kind == "tensorboard" and accelerator.is_main_process:
             accelerator.project_configuration.logging_dir = run_dir
-            accelerator.init_trackers(_TENSORBOARD_DIR, config=dict(_flat(resolved_config(cfg))))
+            accelerator.init_trackers(_TENSORBOARD_DIR, config=_scalars(flat_items(resolved_config(cfg))))
         if kind == "wandb" and accelerator.num_processes > 1:
             from accelerate.utils import broadcast_object_list
 

@@ -73,13 +73,18 @@ class StepResult:
     untouched: bool = True  # no phase of the step had updated a model before it halted
 
 
+def slurm_job() -> str:
+    """This SLURM job as `scontrol` names it (`<array job>_<task>` in an array); empty outside SLURM."""
+    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array_job and task:
+        return f"{array_job}_{task}"
+    return os.environ.get("SLURM_JOB_ID", "")
+
+
 def slurm_run_name(recipe: str) -> str:
     """Under SLURM a run is named after its job (and array task), so a requeued job finds its own
     checkpoints; empty outside SLURM."""
-    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-    if array_job and task:
-        return f"{recipe}-{array_job}_{task}"
-    job = os.environ.get("SLURM_JOB_ID")
+    job = slurm_job()
     return f"{recipe}-{job}" if job else ""
 
 
@@ -364,18 +369,16 @@ class Trainer:
 
     def _stop_on_signal(self, step: int, checkpoint: str) -> None:
         """After the checkpoint, under SLURM, the main process requeues the job unless it was cancelled."""
+        if not self.accelerator.is_main_process:
+            return
         reason = self.stop_reason or "a signal on another process"
-        job = os.environ.get("SLURM_JOB_ID")
-        array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-        job = f"{array_job}_{task}" if job and array_job and task else job
+        job = slurm_job()
         after = (
-            f"; continue with resume={checkpoint}, or the same command with run_name={os.path.basename(self.run_dir)}"
+            f"{requeue(job, reason)}"
+            if job
+            else f"continue with resume={checkpoint}, or the same command with run_name={os.path.basename(self.run_dir)}"
         )
-        if job:
-            after = "; the job's next start resumes from it"
-        if job and self.accelerator.is_main_process:
-            after = f"; {requeue(job, reason)}"
-        self.say(f"stopped at step {step} of {self.cfg.steps} on {reason}: checkpoint {checkpoint}{after}")
+        self.say(f"stopped at step {step} of {self.cfg.steps} on {reason}: checkpoint {checkpoint}; {after}")
 
     def _halt_on_nonfinite(self, step: int, result: StepResult) -> None:
         """on_nonfinite=stop: keep the state before the bad step where it is still intact, then stop."""
