@@ -79,13 +79,6 @@ def complete_checkpoints(run_dir: str) -> list[str]:
     return [os.path.join(root, n) for n in names]
 
 
-def checkpoint_step(path: str) -> int:
-    match = _NAME.match(os.path.basename(os.path.normpath(path)))
-    if not match:
-        raise CheckpointError(f"{path} is not a checkpoint directory (expected a name like step-00001000)")
-    return int(match.group(1))
-
-
 def remove_unpublished(run_dir: str) -> None:
     """Drop what a killed run left half-written or half-deleted. Main process only."""
     root = checkpoints_dir(run_dir)
