@@ -188,12 +188,10 @@ def write_result(path: str, result: dict) -> None:
 
 def finish() -> None:
     """Free everything, meet, then destroy the group: gloo may abort at exit otherwise."""
-    import torch.distributed as dist
+    from disttrain.engine import release_process_group
 
     gc.collect()
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    release_process_group()
 
 
 # --------------------------------------------------------------------------- jobs, from the parent

@@ -5,10 +5,6 @@ import pytest
 pytest_plugins = ["tests.slurm_cluster"]  # the real SLURM cluster fixture, started only by tests that use it
 
 os.environ.setdefault("WANDB_MODE", "disabled")
-# DeepSpeed compiles a C++ op on first use (30-80 s): build it once per checkout, not per test.
-os.environ.setdefault(
-    "TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(os.path.dirname(__file__)), ".cache", "torch_extensions")
-)
 # Launchers and torch write scratch files under TMPDIR; keep them out of the shared /tmp.
 
 

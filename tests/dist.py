@@ -52,10 +52,12 @@ def _shutdown(barrier: bool) -> None:
     import torch.distributed as dist
     from accelerate.state import AcceleratorState, PartialState
 
+    from disttrain.engine import release_process_group
+
     gc.collect()
-    if dist.is_initialized():
-        if barrier:
-            dist.barrier()
+    if barrier:
+        release_process_group()
+    elif dist.is_initialized():
         dist.destroy_process_group()
     AcceleratorState._reset_state(reset_partial_state=True)
     PartialState._reset_state()

@@ -35,6 +35,7 @@ from disttrain.engine import (
     check_device_support,
     check_launcher_env,
     gathered,
+    release_process_group,
 )
 from disttrain.recipes import build_recipe
 from disttrain.recipes.base import Phase, Recipe
@@ -478,10 +479,8 @@ class Trainer:
         return paths
 
     def close(self) -> None:
-        """Release the process group cleanly; gloo may abort at exit otherwise."""
-        self.accelerator.wait_for_everyone()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        """Release the process group cleanly; gloo may abort or hang at exit otherwise."""
+        release_process_group()
 
     # ------------------------------------------------------------------ set-up helpers
 
