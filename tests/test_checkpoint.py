@@ -23,12 +23,23 @@ CASES = {
     "seq2seq": [*RECIPES["seq2seq_aux"], "seq2seq.dropout=0.2", "seq2seq.num_train=40", "seq2seq.num_eval=8"],
     "gan": ["recipe=gan", *TINY_GAN, "gan.num_train=40", "gan.d_steps=2", "gan.r1_every=2"],
 }
+# The same through DeepSpeed engines (their own checkpoints), one stage per recipe not covered by
+# test_resume.py's ZeRO 3 seq2seq run
+CASES["gan-zero1"] = [*CASES["gan"], "deepspeed=configs/deepspeed/zero1.json"]
+CASES["classifier-zero2"] = [
+    *RECIPES["classifier"],
+    "classifier.num_train=40",
+    "deepspeed=configs/deepspeed/zero2.json",
+]
 
 
 def train(tmp_path, name: str, *args: str) -> Trainer:
     cfg = load_config([*args, f"output_dir={tmp_path}", f"run_name={name}"], world_size=1)
     trainer = Trainer(cfg)
-    trainer.fit()
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()  # as train.py does: DeepSpeed's process group goes with its run
     return trainer
 
 

@@ -6,6 +6,7 @@ import contextlib
 import datetime
 import os
 import socket
+import sys
 
 import torch
 from accelerate import Accelerator
@@ -157,4 +158,10 @@ def release_process_group() -> None:
     work = torch.distributed.barrier(async_op=True)
     work.wait()
     _LAST_BARRIERS.append(work)
-    torch.distributed.destroy_process_group()
+    deepspeed_comm = sys.modules.get("deepspeed.comm")
+    if deepspeed_comm is not None and deepspeed_comm.is_initialized():
+        # DeepSpeed's own teardown also forgets the groups it cached, which a later run in this
+        # process (a sweep, a notebook) would otherwise use after they are gone.
+        deepspeed_comm.destroy_process_group()
+    else:
+        torch.distributed.destroy_process_group()
