@@ -1,6 +1,6 @@
 """The sbatch scripts in slurm/ on a real two-node SLURM cluster (tests/slurm_cluster.py).
 
-Two nodes train together to the weights of one process. A job that Slurm warns before its time limit
+Two nodes train together to the weights of one process, with the DDP and a DeepSpeed config. A job that Slurm warns before its time limit
 (SIGUSR1) and then preempts (SIGTERM) checkpoints, is requeued, resumes each time, and ends
 bit-identical to a job never stopped. The scripts run unchanged, with the knobs a user sets on the
 sbatch line: CPU processes, one per (fake) GPU.
@@ -30,8 +30,10 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 # SGD keeps two runs that differ only in float32 rounding within rounding size (see test_launch.py).
 SGD = [f"seq2seq.{part}.{key}" for part in ("encoder", "decoder") for key in ("name=sgd", "momentum=0.9", "lr=0.05")]
+# Clipping off: DeepSpeed clips one norm per model, the DDP path one per optimizer.
+NO_CLIP = ["seq2seq.encoder.clip_grad_norm=0", "seq2seq.decoder.clip_grad_norm=0"]
 STEPS = 100  # enough that a signal sent at the first step arrives long before the last
-TRAIN = ("config=configs/debug.yaml", f"steps={STEPS}", "log_every=1", "progress_bar=false", *SGD)
+TRAIN = ("config=configs/debug.yaml", f"steps={STEPS}", "log_every=1", "progress_bar=false", *SGD, *NO_CLIP)
 # The fake GPUs make a process each: one per node here, as a user sets the knobs on the sbatch line.
 TWO_NODES = ("--nodes=2", "--gpus-per-node=1", "--cpus-per-task=1", "--time=10")
 ONE_NODE_TWO_GPUS = ("--nodes=1", "--gpus-per-node=2", "--cpus-per-task=2", "--time=10")
@@ -46,7 +48,7 @@ class Job:
 
 
 def submit(
-    cluster: SlurmCluster, script: str, sbatch_args: tuple[str, ...], workdir: Path, runs: Path
+    cluster: SlurmCluster, script: str, sbatch_args: tuple[str, ...], workdir: Path, runs: Path, **env: str
 ) -> tuple[int, Path]:
     log = workdir / "job.out"
     job = cluster.submit(
@@ -55,6 +57,7 @@ def submit(
         *sbatch_args,
         train_args=(*TRAIN, f"output_dir={runs}"),
         TMPDIR=str(workdir),  # torch's launcher writes scratch files there
+        **env,
     )
     return job, log
 
@@ -64,14 +67,19 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def two_nodes(slurm_cluster: SlurmCluster, tmp_path_factory) -> tuple[Job, subprocess.CompletedProcess]:
-    """The multi-node script on both nodes, never interrupted; meanwhile one process with the same config."""
-    workdir = tmp_path_factory.mktemp("two_nodes")
-    # A space in an argument: it reaches train.py as one argument through sbatch, srun and the launcher.
-    runs = workdir / "two nodes"
-    job, log = submit(slurm_cluster, "slurm/multi_node.sbatch", TWO_NODES, workdir, runs)
+def two_nodes(slurm_cluster: SlurmCluster, tmp_path_factory) -> dict[str, Job]:
+    """The multi-node script on both nodes, never interrupted, with the DDP and a DeepSpeed config
+    side by side (each node has two fake GPUs); meanwhile one process with the same settings."""
+    jobs = {}
+    for engine, env in (("ddp", {}), ("zero2", {"ACCELERATE_CONFIG": "configs/accelerate/deepspeed_zero2.yaml"})):
+        workdir = tmp_path_factory.mktemp(f"two_nodes_{engine}")
+        # A space in an argument: it reaches train.py as one argument through sbatch, srun and the launcher.
+        runs = workdir / "two nodes"
+        job, log = submit(slurm_cluster, "slurm/multi_node.sbatch", TWO_NODES, workdir, runs, **env)
+        jobs[engine] = Job(job, log, runs / f"seq2seq-{job}", {})
+    workdir = tmp_path_factory.mktemp("one_process")
     one = subprocess.run(
-        [sys.executable, "train.py", *TRAIN, f"output_dir={workdir / 'one'}", "run_name=one"],
+        [sys.executable, "train.py", *TRAIN, f"output_dir={workdir}", "run_name=one"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -79,22 +87,27 @@ def two_nodes(slurm_cluster: SlurmCluster, tmp_path_factory) -> tuple[Job, subpr
         env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},  # as torch's launcher sets it for ranks
     )
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
-    info = slurm_cluster.wait(job, log)
-    return Job(job, log, runs / f"seq2seq-{job}", info), one
+    assert "1 process(es) x micro-batch 4 x accumulation 4 = global batch 16" in one.stdout
+    for job in jobs.values():
+        job.info = slurm_cluster.wait(job.id, job.log)
+    jobs["one"] = Job(0, workdir, workdir / "one", {})
+    return jobs
 
 
-def test_two_nodes_train_together_like_one_process(slurm_cluster: SlurmCluster, two_nodes) -> None:
-    job, one = two_nodes
+@pytest.mark.parametrize("engine", ["ddp", "zero2"])
+def test_two_nodes_train_together_like_one_process(slurm_cluster: SlurmCluster, two_nodes, engine) -> None:
+    job = two_nodes[engine]
     log = job.log.read_text()
     assert job.info["JobState"] == "COMPLETED" and job.info["Restarts"] == "0", slurm_cluster.report(job.log)
     # SLURM_NODEID evaluated on each node: the first node is machine rank 0, the second rank 1.
     assert "(n1): machine rank 0 of 2" in log and "(n2): machine rank 1 of 2" in log, log
     assert "2 process(es) x micro-batch 4 x accumulation 2 = global batch 16" in log, log
-    assert "1 process(es) x micro-batch 4 x accumulation 4 = global batch 16" in one.stdout
     # One run directory for the whole job, named after it, none per node or per process.
     assert os.listdir(job.run_dir.parent) == [job.run_dir.name], log
+    deepspeed = "deepspeed: configs/deepspeed/zero2.json" in (job.run_dir / "config.yaml").read_text()
+    assert deepspeed == (engine == "zero2"), "the run used the engine of the launcher's config"
 
-    two, single = weights(job.run_dir), weights(job.log.parent / "one" / "one")
+    two, single = weights(job.run_dir), weights(two_nodes["one"].run_dir)
     assert two.keys() == single.keys()
     for name in single:
         torch.testing.assert_close(two[name], single[name], rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
@@ -150,7 +163,7 @@ def test_warned_and_preempted_job_resumes_as_if_never_stopped(
     # torch's launcher neither died of SIGUSR1 nor killed its ranks on SIGTERM (preemption, requeue).
     assert "death signal" not in text and "SignalException" not in text and "User defined signal" not in text, text
 
-    straight, resumed = weights(two_nodes[0].run_dir), weights(tmp_path / "runs" / f"seq2seq-{job}")
+    straight, resumed = weights(two_nodes["ddp"].run_dir), weights(tmp_path / "runs" / f"seq2seq-{job}")
     assert straight.keys() == resumed.keys()
     for name in straight:
         assert torch.equal(resumed[name], straight[name]), f"{name} differs from the job that was never stopped"
