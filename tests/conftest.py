@@ -9,7 +9,10 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 
 @pytest.fixture(autouse=True)
-def _own_tmpdir(tmp_path, monkeypatch):
+def _own_environment(tmp_path, monkeypatch):
+    """Each test starts from the session's environment and leaves it as it found it: an in-process
+    DeepSpeed run sets RANK, MASTER_PORT and the like, which would make later runs distributed."""
+    before = dict(os.environ)
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     monkeypatch.setenv("TMPDIR", str(scratch))
@@ -24,6 +27,9 @@ def _own_tmpdir(tmp_path, monkeypatch):
         "SLURM_ARRAY_TASK_ID",
     ):
         monkeypatch.delenv(var, raising=False)
+    yield
+    os.environ.clear()
+    os.environ.update(before)
 
 
 @pytest.fixture(autouse=True)
