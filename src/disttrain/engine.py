@@ -152,6 +152,7 @@ def release_process_group() -> None:
     finished collective frees tensors owned by Python and waits for the GIL: the process never
     exits. Seen as a hang after "done:" in about 1 of 50 launches under load. Keeping the last
     barrier's work alive means no worker drops a last reference; every earlier work is held by it.
+    docs/gloo-exit-hang.md has the stacks and the check.
     """
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
