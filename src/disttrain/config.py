@@ -403,12 +403,12 @@ def _validate_deepspeed(cfg: Config, world_size: int) -> None:
             "until they step); use on_nonfinite=stop, which checkpoints the state before the bad step"
         )
     stage = int(user.get("zero_optimization", {}).get("stage", 0))
-    if cfg.recipe == "gan" and cfg.gan.r1_gamma > 0 and stage >= 2:
-        # ZeRO 2 and 3 reduce gradients in a callback at the end of every backward pass, R1's
-        # input-gradient pass (torch.autograd.grad) included, and fail there.
+    if cfg.recipe == "gan" and cfg.gan.r1_gamma > 0 and stage >= 3:
+        # R1 takes its input gradient with torch.func, which keeps DeepSpeed's end-of-backward
+        # reduction out of that pass; ZeRO 3's partitioned parameters crash the process there.
         raise ConfigError(
-            f"gan.r1_gamma>0 is not supported under ZeRO stage {stage} (its end-of-backward reduction also "
-            "runs on R1's input-gradient pass); use ZeRO 1 (configs/deepspeed/zero1.json), gan.r1_gamma=0, or DDP"
+            f"gan.r1_gamma>0 is not supported under ZeRO stage {stage} (its partitioned parameters crash "
+            "R1's input-gradient pass); use ZeRO 1 or 2 (configs/deepspeed/zero2.json), gan.r1_gamma=0, or DDP"
         )
     if cfg.recipe == "seq2seq":
         # DeepSpeed runs one optimizer per model: encoder and decoder become two parameter groups

@@ -165,8 +165,10 @@ class GANRecipe(Recipe):
         d = trained["discriminator"]
         real = batch["real"]
         if with_r1:
-            x = real.detach().requires_grad_(True)
-            (grad,) = torch.autograd.grad(d(x).sum(), x, create_graph=True)
+            # torch.func, not torch.autograd.grad: DeepSpeed's ZeRO 2 runs its gradient reduction at
+            # the end of every autograd pass, an input-gradient pass too, but skips functorch's.
+            # The result is differentiable in D's parameters all the same (the penalty's backward).
+            grad = torch.func.grad(lambda x: d(x).sum())(real.detach())
             weight = 0.5 * self.cfg.r1_gamma * self.cfg.r1_every  # lazy: rarer, proportionally stronger
             yield "r1", weight * grad.pow(2).sum()
         with torch.no_grad():
