@@ -40,6 +40,8 @@ def train(tmp_path, name: str, *args: str) -> Trainer:
         trainer.fit()
     finally:
         trainer.close()  # as train.py does: DeepSpeed's process group goes with its run
+    # A one-process DeepSpeed run sets these for DeepSpeed; left set, the next run would be distributed.
+    assert not {"RANK", "LOCAL_RANK", "WORLD_SIZE"} & os.environ.keys()
     return trainer
 
 

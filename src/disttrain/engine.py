@@ -72,6 +72,10 @@ def build_accelerator(cfg: Config, find_unused_parameters: bool = False) -> Acce
     )
 
 
+# Environment variables build_deepspeed_engines set for a one-process run (see release_process_group).
+_SET_FOR_ONE_PROCESS: list[str] = []
+
+
 def build_deepspeed_engines(
     cfg: Config, models: dict[str, nn.Module], groups: list[OptimizerGroup], world_size: int
 ) -> tuple[dict[str, nn.Module], dict[str, OptimizerGroup]]:
@@ -85,9 +89,21 @@ def build_deepspeed_engines(
     if not torch.distributed.is_initialized():  # one plain process: DeepSpeed would look for MPI
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
-            os.environ.setdefault("MASTER_PORT", str(s.getsockname()[1]))
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+            port = str(s.getsockname()[1])
+        # DeepSpeed reads these (it asserts LOCAL_RANK); release_process_group takes them back, so
+        # that a later run in this process (a notebook, a sweep) does not take itself for distributed.
+        one_process = {
+            "MASTER_PORT": port,
+            "MASTER_ADDR": "127.0.0.1",
+            "RANK": "0",
+            "LOCAL_RANK": "0",
+            "WORLD_SIZE": "1",
+            "LOCAL_WORLD_SIZE": "1",
+        }
+        for key, value in one_process.items():
+            if key not in os.environ:
+                os.environ[key] = value
+                _SET_FOR_ONE_PROCESS.append(key)
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(
             dist_backend=backend,
@@ -166,3 +182,5 @@ def release_process_group() -> None:
         deepspeed_comm.destroy_process_group()
     else:
         torch.distributed.destroy_process_group()
+    while _SET_FOR_ONE_PROCESS:
+        os.environ.pop(_SET_FOR_ONE_PROCESS.pop(), None)
