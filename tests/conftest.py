@@ -5,17 +5,17 @@ import pytest
 pytest_plugins = ["tests.slurm_cluster"]  # the real SLURM cluster fixture, started only by tests that use it
 
 os.environ.setdefault("WANDB_MODE", "disabled")
-# Launchers and torch write scratch files under TMPDIR; keep them out of the shared /tmp.
 
 
 @pytest.fixture(autouse=True)
-def _own_environment(tmp_path, monkeypatch):
-    """Each test starts from the session's environment and leaves it as it found it: an in-process
-    DeepSpeed run sets RANK, MASTER_PORT and the like, which would make later runs distributed."""
+def _own_environment(tmp_path):
+    """Each test starts from the session's environment and leaves it as it found it: a variable a
+    run sets in-process (RANK, MASTER_PORT, ...) would make later runs in this process distributed.
+    Launchers and torch write scratch files under TMPDIR: the test's own, not the shared /tmp."""
     before = dict(os.environ)
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    monkeypatch.setenv("TMPDIR", str(scratch))
+    os.environ["TMPDIR"] = str(scratch)
     for var in (
         "RANK",
         "WORLD_SIZE",
@@ -26,7 +26,7 @@ def _own_environment(tmp_path, monkeypatch):
         "SLURM_ARRAY_JOB_ID",
         "SLURM_ARRAY_TASK_ID",
     ):
-        monkeypatch.delenv(var, raising=False)
+        os.environ.pop(var, None)
     yield
     os.environ.clear()
     os.environ.update(before)

@@ -1,8 +1,8 @@
 """The sbatch scripts in slurm/ on a real two-node SLURM cluster (tests/slurm_cluster.py).
 
-Two nodes train together to the weights of one process, with the DDP and a DeepSpeed config. A job that Slurm warns before its time limit
-(SIGUSR1) and then preempts (SIGTERM) checkpoints, is requeued, resumes each time, and ends
-bit-identical to a job never stopped. The scripts run unchanged, with the knobs a user sets on the
+Two nodes train together to the weights of one process, with the DDP and a DeepSpeed config. A job
+that Slurm warns before its time limit (SIGUSR1) and then preempts (SIGTERM) checkpoints, is
+requeued, resumes each time, and ends bit-identical to a job never stopped. The scripts run unchanged, with the knobs a user sets on the
 sbatch line: CPU processes, one per (fake) GPU.
 """
 
@@ -67,16 +67,17 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def two_nodes(slurm_cluster: SlurmCluster, tmp_path_factory) -> dict[str, Job]:
+def two_nodes(slurm_cluster: SlurmCluster, tmp_path_factory) -> tuple[dict[str, Job], Path]:
     """The multi-node script on both nodes, never interrupted, with the DDP and a DeepSpeed config
-    side by side (each node has two fake GPUs); meanwhile one process with the same settings."""
-    jobs = {}
+    side by side (each node has two fake GPUs); meanwhile one process with the same settings.
+    Returns the jobs by engine and the one process's run directory."""
+    submitted = {}
     for engine, env in (("ddp", {}), ("zero2", {"ACCELERATE_CONFIG": "configs/accelerate/deepspeed_zero2.yaml"})):
         workdir = tmp_path_factory.mktemp(f"two_nodes_{engine}")
         # A space in an argument: it reaches train.py as one argument through sbatch, srun and the launcher.
         runs = workdir / "two nodes"
         job, log = submit(slurm_cluster, "slurm/multi_node.sbatch", TWO_NODES, workdir, runs, **env)
-        jobs[engine] = Job(job, log, runs / f"seq2seq-{job}", {})
+        submitted[engine] = job, log, runs / f"seq2seq-{job}"
     workdir = tmp_path_factory.mktemp("one_process")
     one = subprocess.run(
         [sys.executable, "train.py", *TRAIN, f"output_dir={workdir}", "run_name=one"],
@@ -88,15 +89,17 @@ def two_nodes(slurm_cluster: SlurmCluster, tmp_path_factory) -> dict[str, Job]:
     )
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
     assert "1 process(es) x micro-batch 4 x accumulation 4 = global batch 16" in one.stdout
-    for job in jobs.values():
-        job.info = slurm_cluster.wait(job.id, job.log)
-    jobs["one"] = Job(0, workdir, workdir / "one", {})
-    return jobs
+    jobs = {
+        engine: Job(job, log, run_dir, slurm_cluster.wait(job, log))
+        for engine, (job, log, run_dir) in submitted.items()
+    }
+    return jobs, workdir / "one"
 
 
 @pytest.mark.parametrize("engine", ["ddp", "zero2"])
 def test_two_nodes_train_together_like_one_process(slurm_cluster: SlurmCluster, two_nodes, engine) -> None:
-    job = two_nodes[engine]
+    jobs, one = two_nodes
+    job = jobs[engine]
     log = job.log.read_text()
     assert job.info["JobState"] == "COMPLETED" and job.info["Restarts"] == "0", slurm_cluster.report(job.log)
     # SLURM_NODEID evaluated on each node: the first node is machine rank 0, the second rank 1.
@@ -107,7 +110,7 @@ def test_two_nodes_train_together_like_one_process(slurm_cluster: SlurmCluster, 
     deepspeed = "deepspeed: configs/deepspeed/zero2.json" in (job.run_dir / "config.yaml").read_text()
     assert deepspeed == (engine == "zero2"), "the run used the engine of the launcher's config"
 
-    two, single = weights(job.run_dir), weights(two_nodes["one"].run_dir)
+    two, single = weights(job.run_dir), weights(one)
     assert two.keys() == single.keys()
     for name in single:
         torch.testing.assert_close(two[name], single[name], rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
@@ -163,7 +166,7 @@ def test_warned_and_preempted_job_resumes_as_if_never_stopped(
     # torch's launcher neither died of SIGUSR1 nor killed its ranks on SIGTERM (preemption, requeue).
     assert "death signal" not in text and "SignalException" not in text and "User defined signal" not in text, text
 
-    straight, resumed = weights(two_nodes["ddp"].run_dir), weights(tmp_path / "runs" / f"seq2seq-{job}")
+    straight, resumed = weights(two_nodes[0]["ddp"].run_dir), weights(tmp_path / "runs" / f"seq2seq-{job}")
     assert straight.keys() == resumed.keys()
     for name in straight:
         assert torch.equal(resumed[name], straight[name]), f"{name} differs from the job that was never stopped"
