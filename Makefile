@@ -29,7 +29,7 @@ $(VENV)/.install-test: $(VENV)/.install pyproject.toml
 install: $(VENV)/.install
 install-test: $(VENV)/.install-test
 
-## Train the default recipe (seq2seq) on this machine; pass overrides with ARGS="key=value ..."
+## Train the default recipe (seq2seq) on this machine; pass overrides with ARGS="key=value ..." (ARGS="recipe=gan")
 train: install
 	$(PY) train.py $(ARGS)
 
@@ -53,6 +53,7 @@ bench: $(VENV)/.install-bench
 lint: install-test
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/hadolint --failure-threshold style docker/Dockerfile docker/Dockerfile.cpu
 
 format: install-test

@@ -39,7 +39,7 @@ class Work:
 
 def seq2seq_work(trainer: Any) -> Work:
     """The template trainer's seq2seq run, as a hand-written loop would train it."""
-    from disttrain.recipes.seq2seq import PAD, Seq2Seq
+    from disttrain.recipes.seq2seq.recipe import PAD, Seq2Seq
 
     cfg, recipe, sampler = trainer.cfg, trainer.recipe, trainer.sampler
 

@@ -51,7 +51,7 @@ SMOKE_ARGS = {  # --cpu-smoke: the same code path on tiny models
     "classifier": ["recipe=classifier", "classifier.hidden=32"],
     "gan": ["recipe=gan", "gan.hidden=32", "gan.r1_gamma=0"],
 }
-ENGINES = {"ddp": [], "zero2": ["deepspeed=configs/deepspeed/zero2.json"]}
+ENGINES = {"ddp": [], "zero2": ["deepspeed_config=configs/deepspeed/zero2.json"]}
 
 
 def peak_flops() -> float | None:

@@ -98,10 +98,11 @@ def scratch_dir() -> str:
 
 def build_trainer(args: list[str], run_name: str) -> Any:
     """The template's real trainer, built as train.py builds it (the world size from the launcher)."""
-    from disttrain.config import load_config, world_size_from_env
+    from disttrain.config import world_size_from_env
+    from disttrain.preflight import resolve_config
     from disttrain.trainer import Trainer
 
-    cfg = load_config([*args, f"run_name={run_name}"], world_size=world_size_from_env())
+    cfg = resolve_config([*args, f"run_name={run_name}"], world_size=world_size_from_env())
     return Trainer(cfg)
 
 
@@ -188,7 +189,7 @@ def write_result(path: str, result: dict) -> None:
 
 def finish() -> None:
     """Free everything, meet, then destroy the group: gloo may abort at exit otherwise."""
-    from disttrain.engine import release_process_group
+    from disttrain.engines.process_group import release_process_group
 
     gc.collect()
     release_process_group()

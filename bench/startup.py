@@ -66,9 +66,9 @@ def first_step_seconds(repeats: int) -> dict[str, Any]:
 
 def child(argv: list[str]) -> None:
     """train.py's start, one optimizer step, and the time each stage ended (Unix seconds)."""
-    from disttrain.config import main_or_exit
+    from disttrain.preflight import config_or_exit
 
-    cfg = main_or_exit(argv)
+    cfg = config_or_exit(argv)
     marks = {"config": time.time()}
     from disttrain.trainer import Trainer
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from disttrain.config import Config, load_config
+from disttrain.config import Config
+from disttrain.preflight import resolve_config
 
 GLOBAL_BATCH = 48  # divisible by world size x accumulation for worlds 1, 2, 4 and accumulations 1, 3, 4
 
@@ -83,4 +84,4 @@ def case_config(
         "progress_bar=false",
         *extra,
     ]
-    return load_config(args, world_size=world_size)
+    return resolve_config(args, world_size=world_size)

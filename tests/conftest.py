@@ -48,6 +48,7 @@ BACKGROUND = {
     "tests/test_docker.py::test_cpu_image_builds_and_runs_tests_and_training": ("tests.test_docker", "PREBUILD"),
     "tests/test_quality.py::test_default_seq2seq_run_reaches_its_target": ("tests.test_quality", "SEQ2SEQ"),
     "tests/test_quality.py::test_gan_run_covers_all_modes_with_high_quality_samples": ("tests.test_quality", "GAN"),
+    "tests/test_quality.py::test_classifier_run_reaches_its_target": ("tests.test_quality", "CLASSIFIER"),
 }
 
 

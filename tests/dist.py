@@ -52,7 +52,7 @@ def _shutdown(barrier: bool) -> None:
     import torch.distributed as dist
     from accelerate.state import AcceleratorState, PartialState
 
-    from disttrain.engine import release_process_group
+    from disttrain.engines.process_group import release_process_group
 
     gc.collect()
     if barrier:

@@ -23,12 +23,13 @@ def accelerate(config: str = "configs/accelerate/ddp.yaml") -> list[str]:
 
 
 def _command(launcher: list[str], train_args: tuple[str, ...]) -> list[str]:
-    config = [] if any(a.startswith("config=") for a in train_args) else ["config=configs/debug.yaml"]
+    chosen = any(a.startswith(("config=", "recipe=")) for a in train_args)
+    config = [] if chosen else ["config=configs/debug.yaml"]
     return [*launcher, "train.py", *config, *train_args]
 
 
 def launch(launcher: list[str], *train_args: str, timeout: float = 150, ok: bool = True) -> subprocess.CompletedProcess:
-    """Run train.py under `launcher` (debug.yaml unless a config is given) and wait for it."""
+    """Run train.py under `launcher` (debug.yaml unless a config or recipe is given) and wait for it."""
     try:
         result = subprocess.run(
             _command(launcher, train_args),

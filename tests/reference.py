@@ -14,8 +14,8 @@ from torch import nn
 
 from disttrain.config import Config
 from disttrain.data.windows import WindowSampler
-from disttrain.recipes import build_recipe
-from disttrain.recipes.seq2seq import PAD
+from disttrain.recipe import build_recipe
+from disttrain.recipes.seq2seq.recipe import PAD
 
 
 def to_float64(recipe) -> None:

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from disttrain.checkpoint import CheckpointError, complete_checkpoints, prune
-from disttrain.config import load_config
+from disttrain.preflight import resolve_config
 from disttrain.trainer import Trainer
 from tests.cases import RECIPES, TINY_GAN
 from tests.launcher import REPO, launch
@@ -25,16 +25,16 @@ CASES = {
 }
 # The same through DeepSpeed engines (their own checkpoints), one stage per recipe not covered by
 # test_resume.py's ZeRO 3 seq2seq run
-CASES["gan-zero1"] = [*CASES["gan"], "deepspeed=configs/deepspeed/zero1.json"]
+CASES["gan-zero1"] = [*CASES["gan"], "deepspeed_config=configs/deepspeed/zero1.json"]
 CASES["classifier-zero2"] = [
     *RECIPES["classifier"],
     "classifier.num_train=40",
-    "deepspeed=configs/deepspeed/zero2.json",
+    "deepspeed_config=configs/deepspeed/zero2.json",
 ]
 
 
 def train(tmp_path, name: str, *args: str) -> Trainer:
-    cfg = load_config([*args, f"output_dir={tmp_path}", f"run_name={name}"], world_size=1)
+    cfg = resolve_config([*args, f"output_dir={tmp_path}", f"run_name={name}"], world_size=1)
     trainer = Trainer(cfg)
     try:
         trainer.fit()
@@ -74,9 +74,9 @@ def test_resume_from_a_middle_checkpoint_is_bit_identical(tmp_path, case):
 def test_resume_auto_and_never(tmp_path):
     args = [*CASES["seq2seq"], *SHAPE, "checkpoint_every=2", "steps=4"]
     assert train(tmp_path, "a", *args).resumed_from is None  # nothing to resume yet
-    cfg = load_config([*args, f"output_dir={tmp_path}", "run_name=a"], world_size=1)
+    cfg = resolve_config([*args, f"output_dir={tmp_path}", "run_name=a"], world_size=1)
     assert Trainer(cfg).start_step == 4  # auto: the newest complete checkpoint
-    cfg = load_config([*args, f"output_dir={tmp_path}", "run_name=a", "resume=never"], world_size=1)
+    cfg = resolve_config([*args, f"output_dir={tmp_path}", "run_name=a", "resume=never"], world_size=1)
     assert Trainer(cfg).start_step == 0
 
 
@@ -122,7 +122,7 @@ def finished(tmp_path):
 
 
 def resume_error(tmp_path, args, *more) -> str:
-    cfg = load_config([*args, f"output_dir={tmp_path}", "run_name=other", *more], world_size=1)
+    cfg = resolve_config([*args, f"output_dir={tmp_path}", "run_name=other", *more], world_size=1)
     with pytest.raises(CheckpointError) as e:
         Trainer(cfg)
     return str(e.value)
@@ -141,7 +141,7 @@ def test_a_checkpoint_of_other_settings_is_refused_naming_them(tmp_path, finishe
     message = resume_error(tmp_path, args, f"resume={path}", "seq2seq.d_model=32", "global_batch_size=32")
     assert "seq2seq.d_model: 16 -> 32" in message and "global_batch_size: 16 -> 32" in message
     # Settings that do not change the update may differ: the accumulation follows micro_batch_size.
-    cfg = load_config(
+    cfg = resolve_config(
         [*args, f"output_dir={tmp_path}", "run_name=other", f"resume={path}", "micro_batch_size=8", "log_every=1"],
         world_size=1,
     )
@@ -174,7 +174,7 @@ def test_old_checkpoints_are_pruned_and_unpublished_ones_removed(tmp_path):
     assert [os.path.basename(p) for p in complete_checkpoints(trainer.run_dir)] == ["step-00000006"]
     leftover = tmp_path / "run" / "checkpoints" / "step-00000007.tmp"
     leftover.mkdir()
-    cfg = load_config([*args, f"output_dir={tmp_path}", "run_name=run"], world_size=1)
+    cfg = resolve_config([*args, f"output_dir={tmp_path}", "run_name=run"], world_size=1)
     Trainer(cfg)
     assert not leftover.exists()
 
@@ -185,3 +185,38 @@ def test_checkpoint_files_load_without_pickles(tmp_path, finished):
         torch.load(path / file, weights_only=True)  # raises on anything but tensors and plain containers
     assert json.loads((path / "manifest.json").read_text())["step"] == 4
     assert subprocess.run([sys.executable, "-c", "import disttrain.checkpoint"], cwd=REPO).returncode == 0
+
+
+def test_a_checkpoint_round_trip_needs_no_trainer(tmp_path):
+    """Explicit state in, the same state out: an engine, models and a plain dict, no Trainer."""
+    from disttrain.checkpoint import load_checkpoint, save_checkpoint
+    from disttrain.config import OptimizerConfig
+    from disttrain.engines.ddp import DDPEngine
+    from disttrain.optim import build_group
+
+    cfg = resolve_config([*RECIPES["classifier"], f"output_dir={tmp_path}", "tracker=none"], world_size=1)
+
+    def built() -> tuple[DDPEngine, torch.nn.Module]:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 2)
+        engine = DDPEngine(cfg)
+        engine.wrap({"m": model}, [build_group("m", model.parameters(), OptimizerConfig(), total_steps=4)])
+        return engine, model
+
+    engine, model = built()
+    model(torch.randn(5, 3)).sum().backward()
+    engine.update(["m"], engine.groups, None)  # one Adam step: the optimizer state is not empty
+    path = save_checkpoint(str(tmp_path), 1, engine, {"m": model}, {"step": 1, "anything": [2, 3]}, cfg)
+    random_after_save = torch.rand(3)
+
+    other_engine, other = built()
+    torch.rand(7)  # the random generator moves on before the load
+    restored = load_checkpoint(path, other_engine, {"m": other}, cfg)
+    assert restored.state == {"step": 1, "anything": [2, 3]} and restored.note == ""
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values(), strict=True))
+    saved_adam = engine.groups[0].optimizer.state_dict()["state"]
+    loaded_adam = other_engine.groups[0].optimizer.state_dict()["state"]
+    assert saved_adam.keys() == loaded_adam.keys() and all(
+        torch.equal(saved_adam[k]["exp_avg"], loaded_adam[k]["exp_avg"]) for k in saved_adam
+    )
+    assert torch.equal(torch.rand(3), random_after_save), "the random generators come back as saved"

@@ -8,15 +8,15 @@ import sys
 
 import pytest
 
-from disttrain.config import ConfigError, load_config, lr_multiplier
-from disttrain.engine import check_device_support, check_launcher_env
+from disttrain.config import ConfigError, lr_multiplier
+from disttrain.preflight import check_device_support, check_launcher_env, resolve_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def refused(args: list[str], world_size: int = 1) -> str:
     with pytest.raises(ConfigError) as e:
-        load_config(args, world_size=world_size)
+        resolve_config(args, world_size=world_size)
     message = str(e.value)
     assert "\n" not in message
     return message
@@ -25,7 +25,7 @@ def refused(args: list[str], world_size: int = 1) -> str:
 def test_defaults_yaml_and_overrides_merge_in_order(tmp_path):
     yaml = tmp_path / "run.yaml"
     yaml.write_text("steps: 7\nseq2seq:\n  encoder:\n    lr: 0.5\n")
-    cfg = load_config(
+    cfg = resolve_config(
         [f"config={yaml}", "seq2seq.encoder.lr=0.25", "global_batch_size=32", "micro_batch_size=16"],
         world_size=1,
     )
@@ -36,13 +36,13 @@ def test_defaults_yaml_and_overrides_merge_in_order(tmp_path):
 
 
 def test_accumulation_follows_from_world_size():
-    cfg = load_config(["global_batch_size=64", "micro_batch_size=8"], world_size=4)
+    cfg = resolve_config(["global_batch_size=64", "micro_batch_size=8"], world_size=4)
     assert [cfg.accumulation_steps(w) for w in (1, 2, 4, 8)] == [8, 4, 2, 1]
 
 
 @pytest.mark.parametrize(("scaling", "expected"), [("none", 1.0), ("linear", 4.0), ("sqrt", 2.0)])
 def test_learning_rate_scaling_rules(scaling, expected):
-    cfg = load_config(
+    cfg = resolve_config(
         ["global_batch_size=256", "micro_batch_size=32", "reference_batch_size=64", f"lr_scaling={scaling}"],
         1,
     )
@@ -106,23 +106,26 @@ def test_accumulation_below_one_is_refused():
             "seq2seq.d_model=30 must be divisible by seq2seq.n_heads=4",
         ),
         (["seq2seq.min_len=5", "seq2seq.max_len=3"], "seq2seq.max_len=3 is below seq2seq.min_len=5"),
-        (["classifier.num_classes=1"], "classifier.num_classes=1 must be >= 2"),
-        (["classifier.optimizer.min_lr_ratio=2"], "classifier.optimizer.min_lr_ratio=2.0 must lie in [0, 1]"),
-        (["gan.loss=wasserstein"], "gan.loss='wasserstein' is not one of: nonsaturating, hinge"),
-        (["gan.dataset=moons"], "gan.dataset='moons' is not one of: ring, grid"),
-        (["gan.d_steps=0"], "gan.d_steps=0 must be >= 1"),
-        (["gan.r1_every=0"], "gan.r1_every=0 must be >= 1"),
-        (["gan.ema_decay=1"], "gan.ema_decay=1.0 must lie in [0, 1)"),
-        (["steps=10", "gan.d_steps=2", "gan.discriminator.warmup_steps=15"], None),
+        (["recipe=classifier", "classifier.num_classes=1"], "classifier.num_classes=1 must be >= 2"),
         (
-            ["steps=10", "gan.d_steps=2", "gan.discriminator.warmup_steps=25"],
+            ["recipe=classifier", "classifier.optimizer.min_lr_ratio=2"],
+            "classifier.optimizer.min_lr_ratio=2.0 must lie in [0, 1]",
+        ),
+        (["recipe=gan", "gan.loss=wasserstein"], "gan.loss='wasserstein' is not one of: nonsaturating, hinge"),
+        (["recipe=gan", "gan.dataset=moons"], "gan.dataset='moons' is not one of: ring, grid"),
+        (["recipe=gan", "gan.d_steps=0"], "gan.d_steps=0 must be >= 1"),
+        (["recipe=gan", "gan.r1_every=0"], "gan.r1_every=0 must be >= 1"),
+        (["recipe=gan", "gan.ema_decay=1"], "gan.ema_decay=1.0 must lie in [0, 1)"),
+        (["recipe=gan", "steps=10", "gan.d_steps=2", "gan.discriminator.warmup_steps=15"], None),
+        (
+            ["recipe=gan", "steps=10", "gan.d_steps=2", "gan.discriminator.warmup_steps=25"],
             "gan.discriminator.warmup_steps=25 exceeds steps=20",
         ),
     ],
 )
 def test_impossible_values_are_refused(args, expected):
     if expected is None:  # the boundary case next to a refused one is accepted
-        load_config(args, world_size=1)
+        resolve_config(args, world_size=1)
     else:
         assert expected in refused(args)
 
@@ -133,7 +136,7 @@ def test_malformed_arguments():
 
 
 def test_launcher_config_may_not_override_the_run_config(monkeypatch):
-    cfg = load_config([], world_size=1)
+    cfg = resolve_config([], world_size=1)
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     with pytest.raises(ConfigError, match="accelerate launch config says mixed_precision: bf16"):
         check_launcher_env(cfg)
@@ -146,9 +149,9 @@ def test_launcher_config_may_not_override_the_run_config(monkeypatch):
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU-only refusals")
 def test_gpu_only_features_are_refused_on_cpu():
     with pytest.raises(ConfigError, match="fp16 needs a GPU"):
-        check_device_support(load_config(["mixed_precision=fp16"], world_size=1), 1)
+        check_device_support(resolve_config(["mixed_precision=fp16"], world_size=1), 1)
     with pytest.raises(ConfigError, match="sync_batchnorm=true needs GPUs"):
-        check_device_support(load_config(["sync_batchnorm=true", "micro_batch_size=32"], world_size=2), 2)
+        check_device_support(resolve_config(["sync_batchnorm=true", "micro_batch_size=32"], world_size=2), 2)
 
 
 def run_train(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -177,14 +180,37 @@ def test_other_ranks_stay_quiet_on_config_errors():
     assert result.returncode == 2 and result.stderr == ""
 
 
-def test_help_lists_keys_without_importing_torch():
-    code = "import runpy, sys; sys.argv = ['train.py', '--help']\ntry:\n    runpy.run_path('train.py', run_name='__main__')\nexcept SystemExit:\n    pass\nprint('TORCH' if 'torch' in sys.modules else 'NO-TORCH')"
+def help_output(*args: str) -> str:
+    code = f"import runpy, sys; sys.argv = ['train.py', *{list(args)!r}, '--help']\ntry:\n    runpy.run_path('train.py', run_name='__main__')\nexcept SystemExit:\n    pass\nprint('TORCH' if 'torch' in sys.modules else 'NO-TORCH')"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert result.stdout.strip().endswith("NO-TORCH")
-    for key in (
-        "global_batch_size=64",
-        "micro_batch_size=32",
-        "seq2seq.encoder.lr=0.002",
-        "classifier.optimizer.clip_grad_norm=1.0",
-    ):
-        assert key in result.stdout
+    assert result.stdout.strip().endswith("NO-TORCH"), result.stdout + result.stderr
+    return result.stdout
+
+
+def test_help_lists_keys_without_importing_torch():
+    out = help_output()
+    for key in ("global_batch_size=64", "micro_batch_size=32", "seq2seq.encoder.lr=0.002"):
+        assert key in out
+    assert "classifier.optimizer" not in out, "only the chosen recipe's keys"
+    assert "Other built-in recipes: classifier, gan" in out
+
+
+def test_help_for_a_recipe_shows_its_keys_and_its_run_defaults():
+    out = help_output("recipe=classifier")
+    assert "classifier.optimizer.clip_grad_norm=1.0" in out and "seq2seq." not in out
+    assert "steps=600" in out and "global_batch_size=128" in out  # the recipe's own run defaults
+    assert "Other built-in recipes: gan, seq2seq" in out
+
+
+def test_launcher_and_device_refusals_are_one_line_before_any_process_group():
+    # Once checked inside the trainer, these escaped as a traceback on every process.
+    env = {"WORLD_SIZE": "2", "RANK": "0", "ACCELERATE_MIXED_PRECISION": "bf16"}
+    result = run_train("global_batch_size=16", "micro_batch_size=4", env=env)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "accelerate launch config says" in result.stderr
+    assert run_train("global_batch_size=16", "micro_batch_size=4", env={**env, "RANK": "1"}).stderr == ""
+    fp16 = run_train("mixed_precision=fp16", env={"WORLD_SIZE": "1", "RANK": "0"})
+    if not __import__("torch").cuda.is_available():
+        assert fp16.returncode == 2 and fp16.stderr.strip().splitlines() == [
+            "config error: mixed_precision=fp16 needs a GPU (CPU has no fp16 loss scaling); use bf16 on CPU"
+        ]

@@ -11,7 +11,8 @@ import pytest
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is an extra: pip install -e '.[deepspeed]'")
 
-from disttrain.config import ConfigError, load_config
+from disttrain.config import ConfigError
+from disttrain.preflight import resolve_config
 from tests.cases import case_config
 from tests.dist import run_distributed
 from tests.reference import gan_reference_run, reference_run
@@ -69,30 +70,32 @@ def test_a_deepspeed_file_that_disagrees_is_refused(tmp_path):
     with pytest.raises(
         ConfigError, match=r'sets gradient_accumulation_steps=8 but the run config gives 2 .* set it to "auto"'
     ):
-        load_config([f"deepspeed={bad}", "global_batch_size=32", "micro_batch_size=8"], world_size=2)
+        resolve_config([f"deepspeed_config={bad}", "global_batch_size=32", "micro_batch_size=8"], world_size=2)
     bad.write_text('{"zero_optimization": {"stage": 2}, "gradient_clipping": 1.0}')
     with pytest.raises(ConfigError, match=re.escape('sets gradient_clipping=1.0; set it to "auto"')):
-        load_config([f"deepspeed={bad}"], world_size=1)
+        resolve_config([f"deepspeed_config={bad}"], world_size=1)
     bad.write_text('{"zero_optimization": {"stage": 2}, "bf16": {"enabled": true}}')
     with pytest.raises(ConfigError, match="enables bf16 but mixed_precision=no"):
-        load_config([f"deepspeed={bad}"], world_size=1)
+        resolve_config([f"deepspeed_config={bad}"], world_size=1)
 
 
 def test_seq2seq_optimizers_that_cannot_share_an_engine_are_refused():
     with pytest.raises(
         ConfigError, match=re.escape("one optimizer per model: seq2seq.encoder.name=sgd and seq2seq.decoder.name=adamw")
     ):
-        load_config(["deepspeed=configs/deepspeed/zero2.json", "seq2seq.encoder.name=sgd"], world_size=1)
+        resolve_config(["deepspeed_config=configs/deepspeed/zero2.json", "seq2seq.encoder.name=sgd"], world_size=1)
     with pytest.raises(ConfigError, match="one global norm per model"):
-        load_config(["deepspeed=configs/deepspeed/zero2.json", "seq2seq.encoder.clip_grad_norm=0.5"], world_size=1)
+        resolve_config(
+            ["deepspeed_config=configs/deepspeed/zero2.json", "seq2seq.encoder.clip_grad_norm=0.5"], world_size=1
+        )
 
 
 def test_r1_under_zero_3_is_refused():
     for stage in ("3", "3_offload"):
         with pytest.raises(ConfigError, match=r"gan.r1_gamma>0 is not supported under ZeRO stage 3 .* use ZeRO 1 or 2"):
-            load_config(["recipe=gan", f"deepspeed=configs/deepspeed/zero{stage}.json"], world_size=1)
+            resolve_config(["recipe=gan", f"deepspeed_config=configs/deepspeed/zero{stage}.json"], world_size=1)
     for stage in ("1", "2", "2_offload"):
-        load_config(["recipe=gan", f"deepspeed=configs/deepspeed/zero{stage}.json"], world_size=1)
+        resolve_config(["recipe=gan", f"deepspeed_config=configs/deepspeed/zero{stage}.json"], world_size=1)
 
 
 def test_accelerate_launch_with_a_deepspeed_config_matches_one_ddp_process(tmp_path):
@@ -116,7 +119,7 @@ def test_accelerate_launch_with_a_deepspeed_config_matches_one_ddp_process(tmp_p
     )
     launch(PYTHON, *same, "run_name=ddp")
     assert "2 process(es) x micro-batch 4 x accumulation 2 = global batch 16" in zero2.stdout
-    assert "deepspeed: configs/deepspeed/zero2.json" in (runs / "zero2" / "config.yaml").read_text()
+    assert "deepspeed_config: configs/deepspeed/zero2.json" in (runs / "zero2" / "config.yaml").read_text()
     assert (
         sorted(os.listdir(runs / "zero2"))
         == sorted(os.listdir(runs / "ddp"))

@@ -7,7 +7,8 @@ import os
 import pytest
 import torch
 
-from disttrain.config import ConfigError, load_config
+from disttrain.config import ConfigError
+from disttrain.preflight import resolve_config
 from disttrain.trainer import Trainer
 from tests.dist import run_distributed
 from tests.workers import fail_one_rank, poisoned_steps
@@ -32,7 +33,7 @@ def test_a_nan_on_one_process_skips_that_update_everywhere(tmp_path):
 
 def test_a_nan_stops_the_run_with_the_state_before_it(tmp_path):
     args = ["recipe=classifier", "steps=5", "progress_bar=false", f"output_dir={tmp_path}", "run_name=run"]
-    trainer = Trainer(load_config([*args, "on_nonfinite=stop"], world_size=1))
+    trainer = Trainer(resolve_config([*args, "on_nonfinite=stop"], world_size=1))
     losses = trainer.recipe.losses
     trainer.recipe.losses = lambda models, batch: ((t, loss * torch.nan) for t, loss in losses(models, batch))
     with pytest.raises(
@@ -44,4 +45,4 @@ def test_a_nan_stops_the_run_with_the_state_before_it(tmp_path):
 
 def test_skipping_is_refused_under_deepspeed():
     with pytest.raises(ConfigError, match="on_nonfinite=skip is not supported under DeepSpeed"):
-        load_config(["on_nonfinite=skip", "deepspeed=configs/deepspeed/zero2.json"], world_size=1)
+        resolve_config(["on_nonfinite=skip", "deepspeed_config=configs/deepspeed/zero2.json"], world_size=1)

@@ -82,8 +82,8 @@ def test_gradients_differ_between_boundaries_and_agree_at_them():
         assert all(torch.equal(a["snapshots"][last][k], b["snapshots"][last][k]) for k in a["snapshots"][last])
 
 
-def seed_002_step(broken: bool) -> dict[str, torch.Tensor]:
-    """One G then D update in plain PyTorch, as seed 002 writes it: correct, or the broken ordering
+def textbook_gan_step(broken: bool) -> dict[str, torch.Tensor]:
+    """One G then D update in plain PyTorch, as a textbook GAN example writes it: correct, or the broken ordering
     (D not frozen during the G phase, zero_grad after step) where D trains on G's gradients."""
     torch.manual_seed(0)
     G, D = (
@@ -109,7 +109,7 @@ def seed_002_step(broken: bool) -> dict[str, torch.Tensor]:
 
 
 def test_the_seeds_broken_ordering_trains_d_on_gs_gradients():
-    right, wrong = seed_002_step(broken=False), seed_002_step(broken=True)
+    right, wrong = textbook_gan_step(broken=False), textbook_gan_step(broken=True)
     assert any(not torch.allclose(right[k], wrong[k]) for k in right)
 
 

@@ -9,8 +9,8 @@ import torch
 from accelerate.utils import set_seed
 from safetensors.torch import load_file
 
-from disttrain.config import load_config
-from disttrain.recipes.seq2seq import Seq2Seq
+from disttrain.preflight import resolve_config
+from disttrain.recipes.seq2seq.recipe import Seq2Seq
 from tests.launcher import PYTHON, REPO, accelerate, launch
 
 pytestmark = pytest.mark.slow
@@ -46,6 +46,6 @@ def test_two_processes_match_one_process(tmp_path):
 
     # Both runs trained: the weights moved away from the seed's initialisation.
     set_seed(0)
-    initial = Seq2Seq(load_config(["config=" + os.path.join(REPO, "configs/debug.yaml")], world_size=1).seq2seq)
+    initial = Seq2Seq(resolve_config(["config=" + os.path.join(REPO, "configs/debug.yaml")], world_size=1).seq2seq)
     moved = max(float((w1[n] - p.detach()).abs().max()) for n, p in initial.state_dict().items())
     assert moved > 1e-3

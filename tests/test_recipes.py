@@ -8,14 +8,14 @@ import warnings
 import pytest
 import torch
 
-from disttrain.config import load_config
-from disttrain.recipes.seq2seq import BOS, EOS, PAD, collate, generate_sequences
+from disttrain.preflight import resolve_config
+from disttrain.recipes.seq2seq.recipe import BOS, EOS, PAD, collate, generate_sequences
 from disttrain.trainer import Trainer
 from tests.cases import case_config
 
 
 def test_seq2seq_batches_pad_per_micro_batch_and_end_with_eos():
-    cfg = load_config(["seq2seq.min_len=1", "seq2seq.max_len=5"], world_size=1).seq2seq
+    cfg = resolve_config(["seq2seq.min_len=1", "seq2seq.max_len=5"], world_size=1).seq2seq
     data = generate_sequences(cfg, 64, seed=0)
     short = int(data.lengths.argmin())
     batch = collate(data, "reverse", [short])
@@ -29,7 +29,7 @@ def test_seq2seq_batches_pad_per_micro_batch_and_end_with_eos():
 
 
 def test_held_out_sequences_are_not_in_the_training_set():
-    cfg = load_config(["seq2seq.vocab_size=3", "seq2seq.min_len=2", "seq2seq.max_len=5"], world_size=1).seq2seq
+    cfg = resolve_config(["seq2seq.vocab_size=3", "seq2seq.min_len=2", "seq2seq.max_len=5"], world_size=1).seq2seq
     train = generate_sequences(cfg, 500, seed=0)
     held_out = generate_sequences(cfg, 50, seed=1, exclude=train)
     assert not set(map(tuple, held_out.tokens.tolist())) & set(map(tuple, train.tokens.tolist()))
@@ -37,7 +37,7 @@ def test_held_out_sequences_are_not_in_the_training_set():
 
 
 def test_batchnorm_with_accumulation_warns(tmp_path):
-    cfg = load_config(
+    cfg = resolve_config(
         [
             "recipe=classifier",
             "classifier.batchnorm=true",
@@ -52,7 +52,7 @@ def test_batchnorm_with_accumulation_warns(tmp_path):
 
 
 def test_batchnorm_without_accumulation_is_quiet(tmp_path):
-    cfg = load_config(["recipe=classifier", "classifier.batchnorm=true", f"output_dir={tmp_path}"], world_size=1)
+    cfg = resolve_config(["recipe=classifier", "classifier.batchnorm=true", f"output_dir={tmp_path}"], world_size=1)
     cfg.micro_batch_size = cfg.global_batch_size
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
@@ -68,7 +68,9 @@ def test_evaluation_reports_a_fraction(tmp_path, recipe):
 
 
 def test_classifier_learns(tmp_path):
-    cfg = load_config(["config=configs/classifier.yaml", f"output_dir={tmp_path}", "progress_bar=false"], world_size=1)
+    cfg = resolve_config(
+        ["config=configs/classifier.yaml", f"output_dir={tmp_path}", "progress_bar=false"], world_size=1
+    )
     trainer = Trainer(cfg)
     before = trainer.evaluate()["accuracy"]
     metrics = trainer.fit()
@@ -79,7 +81,7 @@ def test_classifier_learns(tmp_path):
 
 @pytest.mark.parametrize(("dataset", "modes"), [("ring", 8), ("grid", 25)])
 def test_gan_scores_coverage_and_quality(dataset, modes):
-    from disttrain.recipes.gan import STD, mode_centers, sample_mixture, score_samples
+    from disttrain.recipes.gan.recipe import STD, mode_centers, sample_mixture, score_samples
 
     g = torch.Generator().manual_seed(0)
     real = sample_mixture(dataset, 5000, g)

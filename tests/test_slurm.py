@@ -107,7 +107,7 @@ def test_two_nodes_train_together_like_one_process(slurm_cluster: SlurmCluster, 
     assert "2 process(es) x micro-batch 4 x accumulation 2 = global batch 16" in log, log
     # One run directory for the whole job, named after it, none per node or per process.
     assert os.listdir(job.run_dir.parent) == [job.run_dir.name], log
-    deepspeed = "deepspeed: configs/deepspeed/zero2.json" in (job.run_dir / "config.yaml").read_text()
+    deepspeed = "deepspeed_config: configs/deepspeed/zero2.json" in (job.run_dir / "config.yaml").read_text()
     assert deepspeed == (engine == "zero2"), "the run used the engine of the launcher's config"
 
     two, single = weights(job.run_dir), weights(one)
@@ -137,7 +137,10 @@ def test_warned_and_preempted_job_resumes_as_if_never_stopped(
     wait_for(slurm_cluster, job, log, lambda text: "step 1:" in text, "never started training")
     # What `#SBATCH --signal=USR1@300` sends: SIGUSR1 to every process of the job's steps.
     slurm_cluster.command("scancel", "--signal=USR1", str(job))
-    wait_for(slurm_cluster, job, log, lambda text: "] step" in text.partition("restart 1:")[2], "never resumed")
+    resumed_step = re.compile(r"^step \d+:", re.MULTILINE)
+    wait_for(
+        slurm_cluster, job, log, lambda text: resumed_step.search(text.partition("restart 1:")[2]), "never resumed"
+    )
     # A job for every GPU of the cluster in the urgent partition: Slurm preempts this one and requeues it.
     urgent = slurm_cluster.command(
         "sbatch",

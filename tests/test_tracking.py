@@ -10,8 +10,9 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from disttrain.config import Config, ConfigError, load_config
-from disttrain.recipes.gan import save_scatter
+from disttrain.config import Config, ConfigError
+from disttrain.preflight import resolve_config
+from disttrain.recipes.gan.recipe import save_scatter
 from disttrain.tracking import Tracking, accelerator_kwargs, has_wandb_api_key, log_with, wandb_mode
 from tests.dist import run_distributed
 from tests.tracking_files import tensorboard_events, wandb_runs
@@ -42,7 +43,7 @@ def clean_wandb_env(tmp_path, monkeypatch):
 
 
 def make_config(tmp_path, *overrides: str) -> Config:
-    return load_config([f"output_dir={tmp_path / 'runs'}", *overrides], world_size=1)
+    return resolve_config([f"output_dir={tmp_path / 'runs'}", *overrides], world_size=1)
 
 
 def start(cfg: Config, run_dir: str, run_id: str | None = None) -> Tracking:
@@ -192,7 +193,7 @@ def test_an_accelerator_built_without_the_tracker_is_refused(tmp_path):
 
 
 def _two_process_run(output_dir: str, run_dir: str) -> str | None:
-    cfg = load_config([f"output_dir={output_dir}", "wandb.mode=offline"], world_size=2)
+    cfg = resolve_config([f"output_dir={output_dir}", "wandb.mode=offline"], world_size=2)
     accelerator = Accelerator(cpu=True, **accelerator_kwargs(cfg))
     assert accelerator.num_processes == 2
     with Tracking.start(cfg, accelerator, run_dir) as tracking:
@@ -219,7 +220,7 @@ def test_a_training_run_tracks_every_metric_and_a_stopped_run_resumes_it(tmp_pat
     args = ["config=configs/debug.yaml", "steps=6", "log_every=2", "eval_every=4", "checkpoint_every=0",
             "wandb.mode=offline", "progress_bar=false", f"output_dir={tmp_path}", "run_name=run"]  # fmt: skip
     monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    first = Trainer(load_config(args, world_size=1))
+    first = Trainer(resolve_config(args, world_size=1))
     losses = first.recipe.losses
 
     def stop_at_step_3(models, batch):
@@ -234,7 +235,7 @@ def test_a_training_run_tracks_every_metric_and_a_stopped_run_resumes_it(tmp_pat
     assert first.fit() == {} and first.stop_reason == "SIGUSR1"
     assert os.path.isdir(tmp_path / "run" / "checkpoints" / "step-00000003")
 
-    resumed = Trainer(load_config(args, world_size=1))
+    resumed = Trainer(resolve_config(args, world_size=1))
     assert resumed.start_step == 3 and resumed.tracker_run_id == first.tracker_run_id
     resumed.fit()
 

@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from disttrain.config import OptimizerConfig, load_config
+from disttrain.config import OptimizerConfig
 from disttrain.optim import schedule_factor
+from disttrain.preflight import resolve_config
 from disttrain.trainer import Trainer
 from tests.cases import case_config
 from tests.reference import named_params
@@ -103,7 +104,7 @@ def test_schedules():
 
 
 def test_learning_rates_are_scaled_from_the_reference_batch(tmp_path):
-    cfg = load_config(
+    cfg = resolve_config(
         [
             "recipe=classifier",
             "global_batch_size=256",

@@ -7,9 +7,8 @@ import copy
 import torch
 from accelerate.utils import set_seed
 
-from disttrain.accumulation import sync_context
 from disttrain.config import world_size_from_env
-from disttrain.recipes import build_recipe
+from disttrain.recipe import build_recipe
 from disttrain.trainer import Trainer
 from tests.cases import case_config
 from tests.reference import named_grads, named_params, to_float64
@@ -66,9 +65,10 @@ def run_naive(recipe: str, window: str, accumulation: int, output_dir: str) -> l
         for i, plan in enumerate(plans):
             batch = r.train_batch(plan.indices)
             counts = r.item_counts(batch)
-            with sync_context(trainer.accelerator, list(trainer.models.values()), sync=i == len(plans) - 1):
+            models = list(trainer.models.values())
+            with trainer.engine.sync_context(models, sync=i == len(plans) - 1):
                 loss = sum(loss_sum / counts[term] for term, loss_sum in r.losses(trainer.models, batch))
-                trainer.accelerator.backward(loss / accumulation)
+                trainer.engine.backward(loss / accumulation, models)
         grads.append(named_grads(trainer.models))
         trainer.optimizer_step(trainer.recipe.phases(step)[0])
     return grads
@@ -174,18 +174,16 @@ def same_state(a, b) -> bool:
 def run_engine_cases(cases: list[tuple[str, str, int, str]], output_dir: str, steps: int = 3, *extra: str) -> dict:
     """Train each (recipe, window, accumulation, engine) case in float32, where engine is "ddp" or a
     DeepSpeed JSON; keep the final weights (ZeRO keeps gradients in its own partitions)."""
-    from disttrain.engine import gathered
-
     out = {}
     for recipe, window, accumulation, engine in cases:
-        args = [*DEEPSPEED_CASE[recipe], *([] if engine == "ddp" else [f"deepspeed={engine}"]), *extra]
+        args = [*DEEPSPEED_CASE[recipe], *([] if engine == "ddp" else [f"deepspeed_config={engine}"]), *extra]
         trainer = make_trainer(recipe, window, accumulation, output_dir, steps, *args, float64=False)
         for step in range(steps):
             trainer.train_step(step)
         exported = trainer.recipe.exported_models()
         params = {}
         for name, model in exported.items():
-            with gathered(model):
+            with trainer.engine.full_weights(model):
                 params.update(named_params({name: model}))
         out[(recipe, window, accumulation, engine)] = params
     return out
@@ -207,13 +205,11 @@ DEEPSPEED_CASE["gan_r1"] = DEEPSPEED_CASE["gan"]
 
 def save_deepspeed_checkpoint(engine_config: str, output_dir: str) -> dict:
     """Train the classifier two steps under DeepSpeed, save a checkpoint, return the full weights."""
-    from disttrain.engine import gathered
-
-    trainer = make_trainer("classifier", "short", 2, output_dir, 2, f"deepspeed={engine_config}", float64=False)
+    trainer = make_trainer("classifier", "short", 2, output_dir, 2, f"deepspeed_config={engine_config}", float64=False)
     for step in range(2):
         trainer.train_step(step)
     trainer.models["model"].save_checkpoint(f"{output_dir}/checkpoint")
-    with gathered(trainer.recipe.models["model"]):
+    with trainer.engine.full_weights(trainer.recipe.models["model"]):
         return named_params({"model": trainer.recipe.models["model"]})
 
 

@@ -2,9 +2,9 @@
 
 Layout of `<run dir>/checkpoints/step-00001000/`:
   models/<name>.safetensors   full weights of every exported model (EMA included)
-  optimizers.pt               DDP path: each optimizer's state (identical on every process)
-  deepspeed/<model>/          DeepSpeed path: each engine's own (partitioned) checkpoint
-  trainer.pt                  step, schedulers, gradient scaler, counters, tracker run id
+  optimizers.pt               DDP engine: each optimizer's state (identical on every process)
+  deepspeed/<model>/          DeepSpeed engine: each engine's own (partitioned) checkpoint
+  trainer.pt                  the trainer's state: step, schedulers, gradient scaler, counters...
   rng/rank-<r>.pt             every process's random generators
   config.yaml                 the run's resolved config, to refuse an incompatible resume
   manifest.json               written last: every file and its size
@@ -12,6 +12,9 @@ Layout of `<run dir>/checkpoints/step-00001000/`:
 Everything is written into `step-XXXXXXXX.tmp/` and published by renaming the directory, so a kill
 at any moment leaves either a complete checkpoint or none. `.pt` files are read with
 `torch.load(weights_only=True)`: tensors and plain containers only, never arbitrary objects.
+
+This module works on explicit state: the engine (its part of the checkpoint), the models whose full
+weights are kept, and the trainer's state as a plain dict. It knows no trainer.
 """
 
 from __future__ import annotations
@@ -22,18 +25,18 @@ import random
 import re
 import shutil
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from torch import nn
 
-from disttrain.accumulation import unwrap_optimizer
 from disttrain.config import Config, flat_items, to_yaml
-from disttrain.engine import gathered
-
-if TYPE_CHECKING:
-    from disttrain.trainer import Trainer
+from disttrain.engines.base import Engine
+from disttrain.safe_files import CheckpointError, safe_load
+from disttrain.weights import write_weights
 
 MANIFEST = "manifest.json"
 _NAME = re.compile(r"^step-(\d{8})$")
@@ -57,10 +60,6 @@ RESUMABLE_CHANGES = (
     "tracker",
     "wandb",
 )
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be resumed from; the message says what is wrong and what to do."""
 
 
 # --------------------------------------------------------------------------- finding checkpoints
@@ -99,46 +98,43 @@ def prune(run_dir: str, keep: int) -> None:
 # --------------------------------------------------------------------------- writing
 
 
-def save_checkpoint(trainer: Trainer, step: int) -> str:
-    """Write the state after `step` optimizer steps; a collective: every process calls it."""
-    acc, main = trainer.accelerator, trainer.accelerator.is_main_process
-    final = os.path.join(checkpoints_dir(trainer.run_dir), f"step-{step:08d}")
+def save_checkpoint(
+    run_dir: str, step: int, engine: Engine, models: dict[str, nn.Module], state: dict[str, Any], cfg: Config
+) -> str:
+    """Write the state after `step` optimizer steps; a collective: every process calls it.
+
+    `models` are the modules whose full weights are kept (the recipe's exported models), `state` the
+    trainer's own state (tensors and plain containers).
+    """
+    main = engine.is_main_process
+    final = os.path.join(checkpoints_dir(run_dir), f"step-{step:08d}")
     tmp = final + ".tmp"
     if main:
         shutil.rmtree(tmp, ignore_errors=True)
         for sub in ("models", "rng"):
             os.makedirs(os.path.join(tmp, sub))
-    acc.wait_for_everyone()
+    engine.wait_for_everyone()
 
-    for name, module in trainer.recipe.exported_models().items():
-        with gathered(module):
-            if main:
-                state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-                save_file(state, os.path.join(tmp, "models", f"{name}.safetensors"))
-    if trainer.cfg.deepspeed:
-        for name, engine in trainer.models.items():
-            engine.save_checkpoint(os.path.join(tmp, "deepspeed", name), tag="state", save_latest=False)
-    elif main:
-        optimizers = {g.name: unwrap_optimizer(g.optimizer).state_dict() for g in trainer.groups}
-        torch.save(optimizers, os.path.join(tmp, "optimizers.pt"))
+    write_weights(models, os.path.join(tmp, "models"), engine)
+    engine.save_state(tmp)
     if main:
-        torch.save(trainer.state_dict(step), os.path.join(tmp, "trainer.pt"))
+        torch.save(state, os.path.join(tmp, "trainer.pt"))
         with open(os.path.join(tmp, "config.yaml"), "w") as f:
-            f.write(to_yaml(trainer.cfg))
-    torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank-{trainer.rank}.pt"))
-    acc.wait_for_everyone()
+            f.write(to_yaml(cfg))
+    torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank-{engine.rank}.pt"))
+    engine.wait_for_everyone()
 
     if main:
         files = {os.path.relpath(p, tmp): os.path.getsize(p) for p in _files(tmp)}
-        manifest = {"step": step, "world_size": trainer.world_size, "files": files}
+        manifest = {"step": step, "world_size": engine.world_size, "files": files}
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1, sort_keys=True)
         for path in _files(tmp):  # on disk before the rename publishes them (power loss, not just kill)
             _fsync(path)
         os.rename(tmp, final)
         _fsync(os.path.dirname(final))
-        prune(trainer.run_dir, trainer.cfg.keep_checkpoints)
-    acc.wait_for_everyone()
+        prune(run_dir, cfg.keep_checkpoints)
+    engine.wait_for_everyone()
     return final
 
 
@@ -219,67 +215,44 @@ def incompatibilities(saved: Config | dict, current: Config) -> list[str]:
     return [f"{k}: {old.get(k, '<absent>')} -> {new.get(k, '<absent>')}" for k in keys if old.get(k) != new.get(k)]
 
 
-def load_checkpoint(trainer: Trainer, path: str) -> dict[str, Any]:
-    """Restore a checkpoint into the built trainer; returns the trainer state (step, counters...).
+@dataclass
+class Restored:
+    state: dict[str, Any]  # the trainer's state, as given to save_checkpoint
+    note: str = ""  # what the resume could not restore exactly, for the run's output
 
-    Every process calls it. Refuses, naming what differs, a checkpoint of another configuration.
+
+def load_checkpoint(path: str, engine: Engine, models: dict[str, nn.Module], cfg: Config) -> Restored:
+    """Restore a checkpoint into the built engine and models; every process calls it.
+
+    Refuses, naming what differs, a checkpoint of another configuration.
     """
     manifest = verify(path)
     with open(os.path.join(path, "config.yaml")) as f:
         saved = OmegaConf.to_container(OmegaConf.load(f))
-    differences = incompatibilities(saved, trainer.cfg)
+    differences = incompatibilities(saved, cfg)
     if differences:
         raise CheckpointError(
             f"checkpoint {path} was written by a run with other settings ({'; '.join(differences)}); "
             "set them back to resume it, or start fresh with resume=never (and another run_name)"
         )
     saved_world = manifest["world_size"]
-    if trainer.cfg.deepspeed and saved_world != trainer.world_size:
-        raise CheckpointError(
-            f"checkpoint {path} holds DeepSpeed partitions of {saved_world} processes, this run has "
-            f"{trainer.world_size}; resume on {saved_world} processes"
-        )
-
-    engine_models = set(trainer.models) if trainer.cfg.deepspeed else set()
-    for name, module in trainer.recipe.exported_models().items():
-        if name in engine_models:
-            continue  # its engine restores it below, partitions and all
-        _load_weights(module, os.path.join(path, "models", f"{name}.safetensors"), path)
-    if trainer.cfg.deepspeed:
-        for name, engine in trainer.models.items():
-            _load_engine_files_safely(engine)
-            try:
-                load_dir, _ = engine.load_checkpoint(
-                    os.path.join(path, "deepspeed", name), tag="state", load_lr_scheduler_states=False
-                )
-            except Exception as e:
-                raise CheckpointError(f"checkpoint {path}: DeepSpeed could not load '{name}' ({e})") from e
-            if load_dir is None:
-                raise CheckpointError(f"checkpoint {path}: DeepSpeed found no state for '{name}'")
-    else:
-        optimizers = _safe_load(os.path.join(path, "optimizers.pt"), path)
-        for g in trainer.groups:
-            unwrap_optimizer(g.optimizer).load_state_dict(optimizers[g.name])
-
-    state = _safe_load(os.path.join(path, "trainer.pt"), path)
-    for g in trainer.groups:
-        g.scheduler.load_state_dict(state["schedulers"][g.name])
-        # The schedule's current value, also where an engine restored its own copy of the groups.
-        for group, lr in zip(g.optimizer.param_groups, g.scheduler.get_last_lr(), strict=True):
-            group["lr"] = lr
-    if trainer.accelerator.scaler is not None and state.get("scaler"):
-        trainer.accelerator.scaler.load_state_dict(state["scaler"])
-    if saved_world == trainer.world_size:
-        _set_rng_state(_safe_load(os.path.join(path, "rng", f"rank-{trainer.rank}.pt"), path))
-    else:
-        # The data order depends on the step alone; only random streams inside the models (dropout)
-        # are per process and cannot be mapped to another process count.
-        torch.manual_seed(trainer.cfg.seed + 1_000_003 * state["step"] + trainer.rank)
-        trainer.say(
-            f"checkpoint {path} was written by {saved_world} processes, this run has {trainer.world_size}: "
-            "random streams (dropout) are reseeded, so the run continues exactly only in distribution"
-        )
-    return state
+    engine.check_resumable(saved_world, path)
+    for name, module in models.items():
+        if not engine.restores_weights(name):
+            _load_weights(module, os.path.join(path, "models", f"{name}.safetensors"), path)
+    engine.load_state(path)
+    state = safe_load(os.path.join(path, "trainer.pt"), path)
+    if saved_world == engine.world_size:
+        _set_rng_state(safe_load(os.path.join(path, "rng", f"rank-{engine.rank}.pt"), path))
+        return Restored(state)
+    # The data order depends on the step alone; only random streams inside the models (dropout)
+    # are per process and cannot be mapped to another process count.
+    torch.manual_seed(cfg.seed + 1_000_003 * state["step"] + engine.rank)
+    return Restored(
+        state,
+        f"checkpoint {path} was written by {saved_world} processes, this run has {engine.world_size}: "
+        "random streams (dropout) are reseeded, so the run continues exactly only in distribution",
+    )
 
 
 def _load_weights(module: torch.nn.Module, file: str, path: str) -> None:
@@ -300,37 +273,3 @@ def _load_weights(module: torch.nn.Module, file: str, path: str) -> None:
                     f"checkpoint {path}: {key} has shape {tuple(state[key].shape)}, the model {tuple(value.shape)}"
                 )
             value.copy_(state[key])
-
-
-def _safe_load(file: str, path: str) -> Any:
-    # To the CPU whatever device wrote it ("cpu:0" tags do not restore): load_state_dict moves state
-    # to its parameters' device.
-    try:
-        return torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(
-            f"checkpoint {path}: {os.path.relpath(file, path)} is unreadable ({str(e).splitlines()[0]})"
-        ) from e
-
-
-def _load_engine_files_safely(engine: Any) -> None:
-    """DeepSpeed reads its checkpoint files with `torch.load(weights_only=False)`, which runs any
-    pickled code; this engine reads them with `weights_only=True`, allowing only the few DeepSpeed
-    types its files hold besides tensors and plain containers."""
-    allowed = _deepspeed_safe_globals()
-
-    def load(path: str, map_location: Any = None) -> Any:
-        with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location=map_location, weights_only=True)
-
-    engine.checkpoint_engine.load = load
-
-
-def _deepspeed_safe_globals() -> list[Any]:
-    """The non-tensor types DeepSpeed's optimizer files hold (found with
-    `torch.serialization.get_unsafe_globals_in_checkpoint` on ZeRO 1, 2 and 3 checkpoints)."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]

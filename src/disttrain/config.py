@@ -1,16 +1,23 @@
-"""Typed run configuration: dataclass defaults <- `config=<yaml>` <- `key=value` overrides.
+"""Typed run configuration: defaults <- the recipe's run defaults <- `config=<yaml>` <- `key=value`.
 
-Everything here is checked before any process group starts, and this module imports no torch so
-that `train.py --help` stays fast.
+The run keys are declared here; a recipe brings its own keys as one section named after it
+(`seq2seq.*`, `mymodel.*` for `recipe=myproject.recipes.mymodel`), declared in the recipe's module.
+This module is a leaf: it knows no recipe, engine or tracker module (a recipe module is found by its
+name at run time), and it imports no torch, so that `train.py --help` stays fast. The checks that
+span modules run in `disttrain.preflight`.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
+import importlib
 import math
 import os
+import pkgutil
 import sys
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass, make_dataclass
+from types import ModuleType
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -21,14 +28,15 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the message names the key and the fix."""
 
 
-def opt(default: Any, help: str) -> Any:
-    """A dataclass field with a help text for `--help`."""
+def setting(default: Any, help: str) -> Any:
+    """A config key: a dataclass field with its default and a help text for `--help`."""
     if is_dataclass(default) or isinstance(default, (list, dict)):
         return field(default_factory=lambda: default, metadata={"help": help})
     return field(default=default, metadata={"help": help})
 
 
-def section(factory: type, help: str) -> Any:
+def section(factory: Any, help: str) -> Any:
+    """A nested group of keys (an optimizer, W&B settings): `factory` builds its defaults."""
     return field(default_factory=factory, metadata={"help": help})
 
 
@@ -40,127 +48,113 @@ NONFINITE_ACTIONS = ("skip", "stop")
 TRACKERS = ("wandb", "tensorboard", "none")
 
 
+def one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}='{value}' is not one of: {', '.join(choices)}")
+
+
+def at_least(key: str, value: float, low: float) -> None:
+    if value < low:
+        raise ConfigError(f"{key}={value} must be >= {low}")
+
+
 @dataclass
 class OptimizerConfig:
-    name: str = opt("adamw", f"optimizer class: {', '.join(OPTIMIZERS)}")
-    lr: float = opt(1e-3, "peak learning rate, stated for `reference_batch_size`")
-    weight_decay: float = opt(0.0, "decoupled weight decay (AdamW) or L2 (SGD)")
-    beta1: float = opt(0.9, "AdamW beta1")
-    beta2: float = opt(0.98, "AdamW beta2")
-    momentum: float = opt(0.0, "SGD momentum")
-    clip_grad_norm: float = opt(1.0, "clip this optimizer's gradient norm at the step boundary; 0 turns it off")
-    schedule: str = opt("cosine", f"learning-rate schedule after warmup: {', '.join(SCHEDULES)}")
-    warmup_steps: int = opt(0, "linear warmup, in optimizer steps")
-    min_lr_ratio: float = opt(0.0, "final learning rate as a fraction of the peak (linear, cosine)")
+    """One optimizer with its schedule: a building block for recipe configs."""
 
+    name: str = setting("adamw", f"optimizer class: {', '.join(OPTIMIZERS)}")
+    lr: float = setting(1e-3, "peak learning rate, stated for `reference_batch_size`")
+    weight_decay: float = setting(0.0, "decoupled weight decay (AdamW) or L2 (SGD)")
+    beta1: float = setting(0.9, "AdamW beta1")
+    beta2: float = setting(0.98, "AdamW beta2")
+    momentum: float = setting(0.0, "SGD momentum")
+    clip_grad_norm: float = setting(1.0, "clip this optimizer's gradient norm at the step boundary; 0 turns it off")
+    schedule: str = setting("cosine", f"learning-rate schedule after warmup: {', '.join(SCHEDULES)}")
+    warmup_steps: int = setting(0, "linear warmup, in optimizer steps")
+    min_lr_ratio: float = setting(0.0, "final learning rate as a fraction of the peak (linear, cosine)")
 
-@dataclass
-class Seq2SeqConfig:
-    task: str = opt("reverse", "synthetic task: reverse or sort a random-length token sequence")
-    vocab_size: int = opt(16, "number of content tokens (padding, start and end come on top)")
-    min_len: int = opt(2, "shortest source sequence")
-    max_len: int = opt(16, "longest source sequence")
-    num_train: int = opt(50_000, "training sequences, generated from the seed")
-    num_eval: int = opt(512, "held-out sequences for exact-match evaluation")
-    d_model: int = opt(64, "Transformer width")
-    n_heads: int = opt(4, "attention heads")
-    encoder_layers: int = opt(2, "encoder layers")
-    decoder_layers: int = opt(2, "decoder layers")
-    ffn_dim: int = opt(256, "feed-forward width")
-    dropout: float = opt(0.0, "dropout probability")
-    aux_length_weight: float = opt(
-        0.0,
-        "weight of an auxiliary per-sample loss (predict the length from the encoder), backpropagated separately",
-    )
-    target_exact_match: float = opt(0.95, "exact-match the run is expected to reach; the summary says if it did")
-    encoder: OptimizerConfig = section(lambda: OptimizerConfig(lr=2e-3, weight_decay=0.01), "encoder optimizer")
-    decoder: OptimizerConfig = section(lambda: OptimizerConfig(lr=2e-3, weight_decay=0.01), "decoder optimizer")
-
-
-@dataclass
-class ClassifierConfig:
-    num_features: int = opt(16, "input features of the synthetic task")
-    num_classes: int = opt(4, "classes of the synthetic task")
-    hidden: int = opt(64, "hidden width of the MLP")
-    depth: int = opt(2, "hidden layers of the MLP")
-    batchnorm: bool = opt(False, "add BatchNorm1d after each hidden layer")
-    num_train: int = opt(8192, "training samples, generated from the seed")
-    num_eval: int = opt(1024, "held-out samples")
-    optimizer: OptimizerConfig = section(lambda: OptimizerConfig(lr=3e-3), "the model's optimizer")
-
-
-@dataclass
-class GANConfig:
-    dataset: str = opt("ring", "real data: 'ring' (8 Gaussians on a circle) or 'grid' (5x5 Gaussians)")
-    num_train: int = opt(16_384, "real training samples, generated from the seed")
-    num_eval: int = opt(2_500, "generated samples scored at evaluation")
-    z_dim: int = opt(16, "latent size")
-    hidden: int = opt(256, "hidden width of both networks")
-    layers: int = opt(3, "hidden layers of both networks")
-    loss: str = opt("nonsaturating", "adversarial loss: nonsaturating or hinge")
-    d_steps: int = opt(1, "discriminator updates per generator update")
-    r1_gamma: float = opt(1.0, "R1 penalty weight on real data; 0 turns it off")
-    r1_every: int = opt(4, "apply R1 lazily, every N discriminator updates (weighted by N)")
-    ema_decay: float = opt(0.99, "decay of the moving average of G's weights used for evaluation; 0 turns it off")
-    min_modes: int = opt(0, "modes the run is expected to cover; 0 means all of them")
-    min_high_quality: float = opt(0.9, "share of high-quality samples the run is expected to reach")
-    generator: OptimizerConfig = section(
-        lambda: OptimizerConfig(lr=2e-3, beta1=0.5, beta2=0.99, clip_grad_norm=0.0), "generator optimizer"
-    )
-    discriminator: OptimizerConfig = section(
-        lambda: OptimizerConfig(lr=2e-3, beta1=0.5, beta2=0.99, clip_grad_norm=0.0), "discriminator optimizer"
-    )
+    def validate(self, key: str, steps: int) -> None:
+        """Refuse values this optimizer cannot train with; `steps` is how often it steps in the run."""
+        one_of(f"{key}.name", self.name, OPTIMIZERS)
+        one_of(f"{key}.schedule", self.schedule, SCHEDULES)
+        if self.lr <= 0:
+            raise ConfigError(f"{key}.lr={self.lr} must be > 0")
+        at_least(f"{key}.weight_decay", self.weight_decay, 0)
+        at_least(f"{key}.clip_grad_norm", self.clip_grad_norm, 0)
+        at_least(f"{key}.warmup_steps", self.warmup_steps, 0)
+        if self.warmup_steps > steps:
+            raise ConfigError(f"{key}.warmup_steps={self.warmup_steps} exceeds steps={steps}; lower it or train longer")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"{key}.min_lr_ratio={self.min_lr_ratio} must lie in [0, 1]")
 
 
 @dataclass
 class WandbConfig:
-    project: str = opt("disttrain", "W&B project")
-    entity: str = opt("", "W&B entity (team or user); empty uses the API key's default")
-    group: str = opt("", "W&B group; empty uses the SLURM job id when there is one")
-    tags: list = opt([], "W&B tags, e.g. wandb.tags=[baseline,zero2]")
-    notes: str = opt("", "W&B notes")
-    mode: str = opt("", "online, offline or disabled; empty: WANDB_MODE, else offline when no API key is set")
+    project: str = setting("disttrain", "W&B project")
+    entity: str = setting("", "W&B entity (team or user); empty uses the API key's default")
+    group: str = setting("", "W&B group; empty uses the SLURM job id when there is one")
+    tags: list = setting([], "W&B tags, e.g. wandb.tags=[baseline,zero2]")
+    notes: str = setting("", "W&B notes")
+    mode: str = setting("", "online, offline or disabled; empty: WANDB_MODE, else offline when no API key is set")
+
+
+BUILTIN_RECIPES = "disttrain.recipes"
+DEFAULT_RECIPE = "seq2seq"
 
 
 @dataclass
 class Config:
-    recipe: str = opt("seq2seq", "what to train: a name from disttrain.recipes")
-    seed: int = opt(0, "seeds model initialisation and the data order")
-    steps: int = opt(1000, "optimizer steps to train")
-    global_batch_size: int = opt(64, "samples per optimizer step over all processes (the batch the update is for)")
-    micro_batch_size: int = opt(32, "samples per forward/backward on one process; accumulation follows")
-    reference_batch_size: int = opt(0, "global batch the learning rates are stated for; 0 means global_batch_size")
-    lr_scaling: str = opt("none", f"learning-rate rule when the global batch differs: {', '.join(LR_SCALINGS)}")
-    mixed_precision: str = opt("no", f"{', '.join(MIXED_PRECISIONS)} (fp16 uses loss scaling and needs a GPU)")
-    sync_batchnorm: bool = opt(False, "convert BatchNorm layers to SyncBatchNorm when running on several processes")
-    deepspeed: str = opt(
-        "", "DeepSpeed JSON (configs/deepspeed/*.json); `accelerate launch` with a DeepSpeed config file sets it"
+    """The run keys. `load_config` returns a subclass that adds the chosen recipe's section."""
+
+    recipe: str = setting(
+        DEFAULT_RECIPE, "what to train: a built-in recipe's name or a module path (myproject.recipes.mymodel)"
     )
-    eval_every: int = opt(0, "evaluate every N optimizer steps; 0 evaluates at the end only")
-    log_every: int = opt(25, "report the global loss every N optimizer steps")
-    output_dir: str = opt("runs", "parent of run directories")
-    run_name: str = opt("", "run directory name under output_dir; empty picks <recipe>-<timestamp>")
-    save_weights: bool = opt(True, "write the final weights to the run directory as safetensors")
-    progress_bar: bool = opt(True, "show a progress bar on the main process")
-    checkpoint_every: int = opt(
+    seed: int = setting(0, "seeds model initialisation and the data order")
+    steps: int = setting(1000, "optimizer steps to train")
+    global_batch_size: int = setting(64, "samples per optimizer step over all processes (the batch the update is for)")
+    micro_batch_size: int = setting(32, "samples per forward/backward on one process; accumulation follows")
+    reference_batch_size: int = setting(0, "global batch the learning rates are stated for; 0 means global_batch_size")
+    lr_scaling: str = setting("none", f"learning-rate rule when the global batch differs: {', '.join(LR_SCALINGS)}")
+    mixed_precision: str = setting("no", f"{', '.join(MIXED_PRECISIONS)} (fp16 uses loss scaling and needs a GPU)")
+    sync_batchnorm: bool = setting(False, "convert BatchNorm layers to SyncBatchNorm when running on several processes")
+    deepspeed_config: str = setting(
+        "",
+        "train with DeepSpeed, configured by this JSON (configs/deepspeed/*.json); "
+        "`accelerate launch` with a DeepSpeed config file sets it",
+    )
+    eval_every: int = setting(0, "evaluate every N optimizer steps; 0 evaluates at the end only")
+    log_every: int = setting(25, "report the global loss every N optimizer steps")
+    output_dir: str = setting("runs", "parent of run directories")
+    run_name: str = setting("", "run directory name under output_dir; empty picks <recipe>-<timestamp>")
+    save_weights: bool = setting(True, "write the final weights to the run directory as safetensors")
+    progress_bar: bool = setting(True, "show a progress bar on the main process")
+    checkpoint_every: int = setting(
         250, "write a resumable checkpoint every N optimizer steps; 0 only on signals and at the end"
     )
-    keep_checkpoints: int = opt(3, "complete checkpoints kept in <run directory>/checkpoints; older ones are deleted")
-    resume: str = opt(
+    keep_checkpoints: int = setting(
+        3, "complete checkpoints kept in <run directory>/checkpoints; older ones are deleted"
+    )
+    resume: str = setting(
         "auto",
         "auto: continue from the run directory's newest complete checkpoint, if any; never; or a checkpoint path",
     )
-    on_nonfinite: str = opt(
+    on_nonfinite: str = setting(
         "stop", f"a NaN/inf loss or gradient: {' or '.join(NONFINITE_ACTIONS)} (stop writes a checkpoint first)"
     )
-    collective_timeout_s: int = opt(
+    collective_timeout_s: int = setting(
         600, "a collective that waits longer (dead or hung process) ends the run with an error"
     )
-    tracker: str = opt("wandb", f"experiment tracker: {', '.join(TRACKERS)}")
+    tracker: str = setting("wandb", f"experiment tracker: {', '.join(TRACKERS)}")
     wandb: WandbConfig = section(WandbConfig, "Weights & Biases run settings")
-    seq2seq: Seq2SeqConfig = section(Seq2SeqConfig, "seq2seq recipe")
-    classifier: ClassifierConfig = section(ClassifierConfig, "classifier recipe")
-    gan: GANConfig = section(GANConfig, "gan recipe")
+
+    @property
+    def recipe_section(self) -> str:
+        return recipe_section(self.recipe)
+
+    @property
+    def recipe_config(self) -> Any:
+        """The chosen recipe's own keys (the `<recipe>.*` section)."""
+        return getattr(self, self.recipe_section)
 
     def world_size(self) -> int:
         return world_size_from_env()
@@ -183,22 +177,84 @@ def lr_multiplier(cfg: Config) -> float:
     return {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[cfg.lr_scaling]
 
 
+# --------------------------------------------------------------------------- recipes by name
+
+
+def builtin_recipes() -> list[str]:
+    """The recipes that ship in disttrain/recipes: every module or package there."""
+    package = importlib.import_module(BUILTIN_RECIPES)
+    return sorted(m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_"))
+
+
+def recipe_section(recipe: str) -> str:
+    """The key prefix of a recipe's own settings: its module's last name."""
+    return recipe.rsplit(".", 1)[-1]
+
+
+def recipe_module(recipe: str) -> ModuleType:
+    """The module a `recipe=` value names: a built-in recipe, or any importable module path.
+
+    A recipe module defines `Config` (a dataclass of its keys) and `build(cfg)`, and may define
+    `RUN_DEFAULTS` (its defaults for run keys: steps, batch sizes...). Keep its top level free of
+    torch imports (built-in recipes build their models in a submodule) so that --help stays fast.
+    """
+    path = recipe if "." in recipe else f"{BUILTIN_RECIPES}.{recipe}"
+    try:
+        module = importlib.import_module(path)
+    except ModuleNotFoundError as e:
+        if e.name is None or not path.startswith(e.name):
+            raise ConfigError(f"recipe={recipe}: importing {path} failed ({e}); install what it needs") from e
+        raise ConfigError(
+            f"recipe='{recipe}' is not one of: {', '.join(builtin_recipes())}, nor an importable module path "
+            "(e.g. recipe=myproject.recipes.mymodel, with the folder that holds myproject on PYTHONPATH)"
+        ) from e
+    for name in ("Config", "build"):
+        if not hasattr(module, name):
+            raise ConfigError(
+                f"recipe={recipe}: module {path} defines no `{name}`; a recipe module defines Config "
+                "(a dataclass of its keys) and build(cfg) (see README, 'Add your own recipe')"
+            )
+    if not is_dataclass(module.Config):
+        raise ConfigError(f"recipe={recipe}: {path}.Config must be a dataclass of the recipe's keys")
+    return module
+
+
+@functools.cache
+def config_class(recipe: str) -> type[Config]:
+    """The run's config type for `recipe`: the run keys plus the recipe's section."""
+    module = recipe_module(recipe)
+    name = recipe_section(recipe)
+    if name in {f.name for f in fields(Config)}:
+        raise ConfigError(f"recipe={recipe}: a recipe may not be named like the run key '{name}'; rename its module")
+    doc = (module.__doc__ or f"{name} recipe").strip().splitlines()[0]
+    cls = make_dataclass("Config", [(name, module.Config, section(module.Config, doc))], bases=(Config,))
+    cls.__module__ = __name__
+    return cls
+
+
+def run_defaults(recipe: str) -> dict[str, Any]:
+    """The recipe's own defaults for run keys, checked against the run schema."""
+    defaults = dict(getattr(recipe_module(recipe), "RUN_DEFAULTS", {}))
+    _check_known(config_class(recipe), list(flat_items(defaults)), f"in {recipe}.RUN_DEFAULTS")
+    return defaults
+
+
 # --------------------------------------------------------------------------- loading
 
 
-def _schema_keys(cls: type, prefix: str = "") -> dict[str, Any]:
+def schema_keys(cls: type, prefix: str = "") -> dict[str, Any]:
     """Dotted key -> dataclass field, for every leaf and section of the schema."""
     keys: dict[str, Any] = {}
     for f in fields(cls):
         key = prefix + f.name
         keys[key] = f
-        nested = _nested_type(cls, f)
+        nested = _nested_type(f)
         if nested is not None:
-            keys.update(_schema_keys(nested, key + "."))
+            keys.update(schema_keys(nested, key + "."))
     return keys
 
 
-def _nested_type(cls: type, f: Any) -> type | None:
+def _nested_type(f: Any) -> type | None:
     if f.default_factory is MISSING:
         return None
     value = f.default_factory()
@@ -216,13 +272,16 @@ def flat_items(node: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _check_known(keys: list[str], origin: str) -> None:
-    known = _schema_keys(Config)
+def _check_known(cls: type, keys: list[str], origin: str) -> None:
+    known = schema_keys(cls)
     for key in keys:
         if key in known:
             continue
         close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
         hint = f"; did you mean '{close[0]}'?" if close else "; see `python train.py --help` for the keys"
+        prefix = key.split(".", 1)[0]
+        if not close and "." in key and prefix in builtin_recipes():
+            hint = f"; {prefix}.* keys belong to recipe={prefix}, and this run's recipe has no section '{prefix}'"
         raise ConfigError(f"unknown key '{key}' {origin}{hint}")
 
 
@@ -242,23 +301,44 @@ def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
     return config_path, overrides
 
 
-def load_config(argv: list[str], world_size: int | None = None) -> Config:
-    """Build and validate the run's config from command-line arguments."""
+def _load_file(config_path: str) -> Any:
+    if not os.path.isfile(config_path):
+        raise ConfigError(f"config={config_path}: no such file")
+    try:
+        return OmegaConf.load(config_path)
+    except Exception as e:  # a YAML syntax error names the line
+        raise ConfigError(f"config={config_path}: not valid YAML ({str(e).splitlines()[0]})") from e
+
+
+def chosen_recipe(argv: list[str]) -> str:
+    """The recipe the arguments choose: the command line's, else the config file's, else the default."""
     config_path, overrides = parse_args(argv)
-    merged = OmegaConf.structured(Config)
-    layers = []
+    chosen = [item.split("=", 1)[1] for item in overrides if item.split("=", 1)[0] == "recipe"]
+    if chosen:
+        return chosen[-1]
     if config_path is not None:
-        if not os.path.isfile(config_path):
-            raise ConfigError(f"config={config_path}: no such file")
-        try:
-            file_cfg = OmegaConf.load(config_path)
-        except Exception as e:  # a YAML syntax error names the line
-            raise ConfigError(f"config={config_path}: not valid YAML ({str(e).splitlines()[0]})") from e
-        _check_known(list(flat_items(OmegaConf.to_container(file_cfg))), f"in {config_path}")
+        return str(_load_file(config_path).get("recipe", DEFAULT_RECIPE))
+    return DEFAULT_RECIPE
+
+
+def load_config(argv: list[str], world_size: int | None = None) -> Config:
+    """Build the run's config from command-line arguments and check the run keys.
+
+    The checks that need other modules (the recipe's own, DeepSpeed, trackers, the launcher) are in
+    `disttrain.preflight.resolve_config`, which calls this first.
+    """
+    config_path, overrides = parse_args(argv)
+    recipe = chosen_recipe(argv)
+    cls = config_class(recipe)
+    merged = OmegaConf.structured(cls)
+    layers = [(OmegaConf.create(run_defaults(recipe)), f"{recipe}.RUN_DEFAULTS")]
+    if config_path is not None:
+        file_cfg = _load_file(config_path)
+        _check_known(cls, list(flat_items(OmegaConf.to_container(file_cfg))), f"in {config_path}")
         layers.append((file_cfg, config_path))
     for item in overrides:
         key = item.split("=", 1)[0]
-        _check_known([key], "on the command line")
+        _check_known(cls, [key], "on the command line")
         try:
             layers.append((OmegaConf.from_dotlist([item]), "the command line"))
         except OmegaConfBaseException as e:
@@ -278,41 +358,11 @@ def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0]
 
 
-# --------------------------------------------------------------------------- validation
-
-
-def _one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key}='{value}' is not one of: {', '.join(choices)}")
-
-
-def _at_least(key: str, value: float, low: float) -> None:
-    if value < low:
-        raise ConfigError(f"{key}={value} must be >= {low}")
-
-
-def _validate_optimizer(key: str, o: OptimizerConfig, steps: int) -> None:
-    _one_of(f"{key}.name", o.name, OPTIMIZERS)
-    _one_of(f"{key}.schedule", o.schedule, SCHEDULES)
-    if o.lr <= 0:
-        raise ConfigError(f"{key}.lr={o.lr} must be > 0")
-    _at_least(f"{key}.weight_decay", o.weight_decay, 0)
-    _at_least(f"{key}.clip_grad_norm", o.clip_grad_norm, 0)
-    _at_least(f"{key}.warmup_steps", o.warmup_steps, 0)
-    if o.warmup_steps > steps:
-        raise ConfigError(f"{key}.warmup_steps={o.warmup_steps} exceeds steps={steps}; lower it or train longer")
-    if not 0 <= o.min_lr_ratio <= 1:
-        raise ConfigError(f"{key}.min_lr_ratio={o.min_lr_ratio} must lie in [0, 1]")
-
-
 def validate(cfg: Config, world_size: int) -> None:
-    """Refuse configurations that cannot give the promised update, naming the key and the fix."""
-    from disttrain.recipes import RECIPES  # registry of names only; imports no torch
-
-    _one_of("recipe", cfg.recipe, tuple(sorted(RECIPES)))
-    _at_least("steps", cfg.steps, 1)
-    _at_least("micro_batch_size", cfg.micro_batch_size, 1)
-    _at_least("global_batch_size", cfg.global_batch_size, 1)
+    """Refuse run keys that cannot give the promised update, naming the key and the fix."""
+    at_least("steps", cfg.steps, 1)
+    at_least("micro_batch_size", cfg.micro_batch_size, 1)
+    at_least("global_batch_size", cfg.global_batch_size, 1)
     per_round = cfg.micro_batch_size * world_size
     if cfg.global_batch_size < per_round:
         raise ConfigError(
@@ -325,124 +375,50 @@ def validate(cfg: Config, world_size: int) -> None:
             f"global_batch_size={cfg.global_batch_size} is not divisible by micro_batch_size x world size "
             f"= {cfg.micro_batch_size} x {world_size} = {per_round}; choose a multiple of {per_round}"
         )
-    _one_of("lr_scaling", cfg.lr_scaling, LR_SCALINGS)
-    _at_least("reference_batch_size", cfg.reference_batch_size, 0)
+    one_of("lr_scaling", cfg.lr_scaling, LR_SCALINGS)
+    at_least("reference_batch_size", cfg.reference_batch_size, 0)
     if cfg.lr_scaling != "none" and cfg.reference_batch_size == 0:
         raise ConfigError(
             f"lr_scaling={cfg.lr_scaling} needs reference_batch_size: the global batch the learning rates were tuned for"
         )
-    _one_of("mixed_precision", cfg.mixed_precision, MIXED_PRECISIONS)
-    _at_least("eval_every", cfg.eval_every, 0)
-    _at_least("log_every", cfg.log_every, 1)
-    _at_least("checkpoint_every", cfg.checkpoint_every, 0)
-    _at_least("keep_checkpoints", cfg.keep_checkpoints, 1)
+    one_of("mixed_precision", cfg.mixed_precision, MIXED_PRECISIONS)
+    at_least("eval_every", cfg.eval_every, 0)
+    at_least("log_every", cfg.log_every, 1)
+    at_least("checkpoint_every", cfg.checkpoint_every, 0)
+    at_least("keep_checkpoints", cfg.keep_checkpoints, 1)
     if cfg.resume not in ("auto", "never") and not os.path.isdir(cfg.resume):
         raise ConfigError(f"resume={cfg.resume}: no such checkpoint directory; use auto, never or a checkpoint path")
-    _one_of("on_nonfinite", cfg.on_nonfinite, NONFINITE_ACTIONS)
-    _at_least("collective_timeout_s", cfg.collective_timeout_s, 1)
-    _one_of("tracker", cfg.tracker, TRACKERS)
-    from disttrain.tracking import check_tracker  # here, not at the top: tracking imports this module
-
-    check_tracker(cfg)
+    one_of("on_nonfinite", cfg.on_nonfinite, NONFINITE_ACTIONS)
+    at_least("collective_timeout_s", cfg.collective_timeout_s, 1)
+    one_of("tracker", cfg.tracker, TRACKERS)
     if cfg.wandb.mode:
-        _one_of("wandb.mode", cfg.wandb.mode, ("online", "offline", "disabled"))
-
-    s = cfg.seq2seq
-    _one_of("seq2seq.task", s.task, ("reverse", "sort"))
-    _at_least("seq2seq.vocab_size", s.vocab_size, 2)
-    _at_least("seq2seq.min_len", s.min_len, 1)
-    if s.max_len < s.min_len:
-        raise ConfigError(f"seq2seq.max_len={s.max_len} is below seq2seq.min_len={s.min_len}")
-    _at_least("seq2seq.num_train", s.num_train, 1)
-    _at_least("seq2seq.num_eval", s.num_eval, 1)
-    if s.d_model % s.n_heads:
-        raise ConfigError(f"seq2seq.d_model={s.d_model} must be divisible by seq2seq.n_heads={s.n_heads}")
-    if not 0 <= s.dropout < 1:
-        raise ConfigError(f"seq2seq.dropout={s.dropout} must lie in [0, 1)")
-    _at_least("seq2seq.aux_length_weight", s.aux_length_weight, 0)
-    _validate_optimizer("seq2seq.encoder", s.encoder, cfg.steps)
-    _validate_optimizer("seq2seq.decoder", s.decoder, cfg.steps)
-
-    c = cfg.classifier
-    _at_least("classifier.num_features", c.num_features, 1)
-    _at_least("classifier.num_classes", c.num_classes, 2)
-    _at_least("classifier.depth", c.depth, 1)
-    _at_least("classifier.num_train", c.num_train, 1)
-    _at_least("classifier.num_eval", c.num_eval, 1)
-    _validate_optimizer("classifier.optimizer", c.optimizer, cfg.steps)
-
-    _validate_deepspeed(cfg, world_size)
-
-    g = cfg.gan
-    _one_of("gan.dataset", g.dataset, ("ring", "grid"))
-    _one_of("gan.loss", g.loss, ("nonsaturating", "hinge"))
-    _at_least("gan.num_train", g.num_train, 1)
-    _at_least("gan.num_eval", g.num_eval, 1)
-    _at_least("gan.z_dim", g.z_dim, 1)
-    _at_least("gan.layers", g.layers, 1)
-    _at_least("gan.d_steps", g.d_steps, 1)
-    _at_least("gan.r1_gamma", g.r1_gamma, 0)
-    _at_least("gan.r1_every", g.r1_every, 1)
-    if not 0 <= g.ema_decay < 1:
-        raise ConfigError(f"gan.ema_decay={g.ema_decay} must lie in [0, 1)")
-    _validate_optimizer("gan.generator", g.generator, cfg.steps)
-    _validate_optimizer("gan.discriminator", g.discriminator, cfg.steps * g.d_steps)
+        one_of("wandb.mode", cfg.wandb.mode, ("online", "offline", "disabled"))
 
 
-def _validate_deepspeed(cfg: Config, world_size: int) -> None:
-    from disttrain.deepspeed_config import check_against_run, deepspeed_config_path, load_user_config
-
-    path = deepspeed_config_path(cfg)
-    if not path:
-        return
-    user = load_user_config(path)
-    check_against_run(user, path, cfg, world_size)
-    if cfg.on_nonfinite == "skip":
-        raise ConfigError(
-            "on_nonfinite=skip is not supported under DeepSpeed (its engines keep the reduced gradients "
-            "until they step); use on_nonfinite=stop, which checkpoints the state before the bad step"
-        )
-    stage = int(user.get("zero_optimization", {}).get("stage", 0))
-    if cfg.recipe == "gan" and cfg.gan.r1_gamma > 0 and stage >= 3:
-        # R1 takes its input gradient with torch.func, which keeps DeepSpeed's end-of-backward
-        # reduction out of that pass; ZeRO 3's partitioned parameters crash the process there.
-        raise ConfigError(
-            f"gan.r1_gamma>0 is not supported under ZeRO stage {stage} (its partitioned parameters crash "
-            "R1's input-gradient pass); use ZeRO 1 or 2 (configs/deepspeed/zero2.json), gan.r1_gamma=0, or DDP"
-        )
-    if cfg.recipe == "seq2seq":
-        # DeepSpeed runs one optimizer per model: encoder and decoder become two parameter groups
-        # of it (own learning rate, weight decay, schedule), clipped together by one global norm.
-        e, d = cfg.seq2seq.encoder, cfg.seq2seq.decoder
-        if e.name != d.name:
-            raise ConfigError(
-                f"DeepSpeed runs one optimizer per model: seq2seq.encoder.name={e.name} and "
-                f"seq2seq.decoder.name={d.name} cannot share it; use one optimizer class for both"
-            )
-        if e.clip_grad_norm != d.clip_grad_norm:
-            raise ConfigError(
-                f"DeepSpeed clips one global norm per model: seq2seq.encoder.clip_grad_norm={e.clip_grad_norm} "
-                f"and seq2seq.decoder.clip_grad_norm={d.clip_grad_norm} differ; set them equal"
-            )
+# --------------------------------------------------------------------------- help and output
 
 
-# --------------------------------------------------------------------------- help
-
-
-def help_text() -> str:
+def help_text(argv: list[str]) -> str:
+    """The run keys and the chosen recipe's keys, with defaults (the recipe's own included)."""
+    recipe = chosen_recipe([a for a in argv if "=" in a and not a.startswith("-")])
+    cls = config_class(recipe)
+    section_name = recipe_section(recipe)
+    defaults = OmegaConf.merge(OmegaConf.structured(cls), OmegaConf.create({**run_defaults(recipe), "recipe": recipe}))
     lines = [
-        "usage: python train.py [config=<file.yaml>] [key=value ...]",
+        "usage: python train.py [recipe=<name or module>] [config=<file.yaml>] [key=value ...]",
         "       accelerate launch [--config_file configs/accelerate/<x>.yaml] train.py [same arguments]",
         "",
-        "Keys (default) and meaning; nested keys use dots, e.g. seq2seq.encoder.lr=1e-3:",
+        f"Keys (default) and meaning for recipe={recipe}; nested keys use dots, e.g. {section_name}.<key>=...:",
     ]
-    defaults = OmegaConf.structured(Config)
-    for key, f in _schema_keys(Config).items():
+    for key, f in schema_keys(cls).items():
         value = OmegaConf.select(defaults, key)
-        if OmegaConf.is_config(value):
-            lines.append(f"  {f'{key}.*':<34} {f.metadata.get('help', '')}")
-            continue
-        lines.append(f"  {f'{key}={value}':<34} {f.metadata.get('help', '')}")
+        shown = f"{key}.*" if OmegaConf.is_config(value) else f"{key}={value}"
+        lines.append(f"  {shown:<34} {f.metadata.get('help', '')}")
+    others = [r for r in builtin_recipes() if r != recipe]
+    lines += [
+        "",
+        f"Other built-in recipes: {', '.join(others)}; `python train.py recipe=<name> --help` lists their keys.",
+    ]
     return "\n".join(lines)
 
 
@@ -450,14 +426,13 @@ def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def main_or_exit(argv: list[str]) -> Config:
-    """train.py's entry: print help or a one-line config error and exit, else return the config."""
-    if any(a in ("-h", "--help", "help") for a in argv):
-        print(help_text())
-        sys.exit(0)
-    try:
-        return load_config(argv)
-    except ConfigError as e:
-        if os.environ.get("RANK", "0") == "0":  # one message, not one per process
-            print(f"config error: {e}", file=sys.stderr)
-        sys.exit(2)
+def is_main_launch_process() -> bool:
+    """Rank 0 as the launcher announced it, before any process group: where one-line errors go."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def exit_with_config_error(e: ConfigError) -> None:
+    """One line on the main process, none on the others, exit status 2."""
+    if is_main_launch_process():
+        print(f"config error: {e}", file=sys.stderr)
+    sys.exit(2)

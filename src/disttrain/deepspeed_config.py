@@ -16,9 +16,9 @@ from disttrain.config import Config, ConfigError
 
 
 def deepspeed_config_path(cfg: Config) -> str:
-    """The DeepSpeed JSON of this run: `deepspeed=` or the one `accelerate launch` announces."""
-    if cfg.deepspeed:
-        return cfg.deepspeed
+    """The DeepSpeed JSON of this run: `deepspeed_config=` or the one `accelerate launch` announces."""
+    if cfg.deepspeed_config:
+        return cfg.deepspeed_config
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
         if not path:
@@ -32,12 +32,19 @@ def deepspeed_config_path(cfg: Config) -> str:
 
 def load_user_config(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
-        raise ConfigError(f"deepspeed={path}: no such file")
+        raise ConfigError(f"deepspeed_config={path}: no such file")
     try:
         with open(path) as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise ConfigError(f"deepspeed={path}: not valid JSON ({e})") from e
+        raise ConfigError(f"deepspeed_config={path}: not valid JSON ({e})") from e
+
+
+def zero_stage(cfg: Config) -> int | None:
+    """The ZeRO stage of a DeepSpeed run (0 when its file names none); None without DeepSpeed."""
+    if not cfg.deepspeed_config:
+        return None
+    return int(load_user_config(cfg.deepspeed_config).get("zero_optimization", {}).get("stage", 0))
 
 
 def check_against_run(user: dict[str, Any], path: str, cfg: Config, world_size: int) -> None:

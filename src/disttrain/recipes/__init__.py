@@ -1,22 +1,4 @@
-"""Recipe registry. Names map to modules so that choosing a recipe imports only that recipe."""
+"""Built-in recipes: each a package whose `__init__` holds its keys (torch-free) and `build`.
 
-from __future__ import annotations
-
-import importlib
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from disttrain.config import Config
-    from disttrain.recipes.base import Recipe
-
-RECIPES = {
-    "seq2seq": "disttrain.recipes.seq2seq",
-    "classifier": "disttrain.recipes.classifier",
-    "gan": "disttrain.recipes.gan",
-}
-
-
-def build_recipe(cfg: Config) -> Recipe:
-    """Import the configured recipe's module and build it (models, optimizers, data)."""
-    module = importlib.import_module(RECIPES[cfg.recipe])
-    return module.build(cfg)
+`recipe=<name>` finds them by name; nothing lists them. Copy one to start your own (README).
+"""

@@ -1,4 +1,4 @@
-"""A GAN on 2-D toy data: discriminator and generator phases that stay exact under accumulation.
+"""The GAN's models, data, phases and evaluation (its keys and defaults are in __init__.py).
 
 Each optimizer step runs `d_steps` discriminator phases, then one generator phase; every phase is
 its own accumulation window with its own update, as exact as the core's:
@@ -7,8 +7,8 @@ its own accumulation window with its own update, as exact as the core's:
   penalty on real data is a separate loss term, lazily every `r1_every` D updates, backpropagated
   before the adversarial term so that its double-backward graph is freed first.
 - G phase: D is frozen (`requires_grad_(False)`) and called without its DDP wrapper, so it is never
-  synchronised and no gradient reaches it (seed 002: otherwise D trains on G's gradients). DDP was
-  built with D trainable, as it must be.
+  synchronised and no gradient reaches it (otherwise D would also train on G's loss, a mistake
+  peers' GAN examples make). DDP was built with D trainable, as it must be.
 
 Fakes are keyed by their position in the global batch, like the real samples by their index, so
 the data of a step does not depend on the world size. Evaluation uses an exponential moving
@@ -27,9 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from disttrain.config import Config, lr_multiplier
-from disttrain.engine import gathered
 from disttrain.optim import build_group
-from disttrain.recipes.base import Phase, Recipe
+from disttrain.recipe import Phase, Recipe
+
+from . import Config as GANConfig
 
 STD = {"ring": 0.02, "grid": 0.05}
 
@@ -74,7 +75,7 @@ def score_samples(fake: torch.Tensor, dataset: str) -> tuple[int, float]:
 
 class GANRecipe(Recipe):
     def __init__(self, cfg: Config):
-        g = cfg.gan
+        g: GANConfig = cfg.recipe_config
         self.cfg, self.seed = g, cfg.seed
         self.real = sample_mixture(g.dataset, g.num_train, torch.Generator().manual_seed(cfg.seed))
         generator = mlp(g.z_dim, g.hidden, g.layers, 2, nn.ReLU)
@@ -199,7 +200,7 @@ class GANRecipe(Recipe):
         if self.ema is self.models["generator"]:
             return
         live = self.models["generator"]
-        with gathered(live):  # ZeRO 3 partitions the live weights
+        with self.full_weights(live):  # ZeRO 3 partitions the live weights
             if next(self.ema.parameters()).device != next(live.parameters()).device:
                 self.ema.to(next(live.parameters()).device)
             # Under DeepSpeed bf16 the live weights are bf16 copies of the engine's fp32 master weights.
@@ -250,7 +251,3 @@ def save_scatter(real: torch.Tensor, fake: torch.Tensor, path: str) -> str:
     plt.close(fig)
     os.replace(path + ".tmp.png", path)
     return path
-
-
-def build(cfg: Config) -> GANRecipe:
-    return GANRecipe(cfg)

@@ -1,9 +1,7 @@
-"""Encoder/decoder Transformer on a synthetic variable-length task, with separate optimizers.
+"""The seq2seq model, data, losses and evaluation (its keys and defaults are in __init__.py).
 
-The encoder and the decoder each have their own learning rate, weight decay, schedule and clip
-threshold. The token loss is averaged over every valid (non-padding) target token of the global
-batch, not per micro-batch. An optional auxiliary loss (predict the target length from the
-encoder) is computed and backpropagated on its own before the token loss, freeing its graph early.
+An optional auxiliary loss (predict the target length from the encoder) is computed and
+backpropagated on its own before the token loss, freeing its graph early.
 """
 
 from __future__ import annotations
@@ -15,9 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from disttrain.config import Config, Seq2SeqConfig, lr_multiplier
+from disttrain.config import Config, lr_multiplier
 from disttrain.optim import build_group
-from disttrain.recipes.base import Recipe
+from disttrain.recipe import Recipe
+
+from . import Config as Seq2SeqConfig
 
 PAD, BOS, EOS = 0, 1, 2
 FIRST_TOKEN = 3
@@ -165,7 +165,7 @@ class Seq2Seq(nn.Module):
 
 class Seq2SeqRecipe(Recipe):
     def __init__(self, cfg: Config):
-        s = cfg.seq2seq
+        s: Seq2SeqConfig = cfg.recipe_config
         self.cfg = s
         self.aux_weight = s.aux_length_weight
         self.terms = ("length", "tokens") if self.aux_weight > 0 else ("tokens",)
@@ -229,7 +229,3 @@ class Seq2SeqRecipe(Recipe):
         em = metrics["exact_match"]
         verdict = "reached" if em >= self.cfg.target_exact_match else "below"
         return f"exact-match {em:.1%} on held-out sequences ({verdict} the {self.cfg.target_exact_match:.0%} target)"
-
-
-def build(cfg: Config) -> Seq2SeqRecipe:
-    return Seq2SeqRecipe(cfg)

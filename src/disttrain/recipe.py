@@ -2,11 +2,13 @@
 
 A recipe knows nothing of processes, `no_sync` or loss scaling. It returns *summed* per-item losses
 and says how many items each sums over; the accumulation core turns that into the exact update.
-Copy `classifier.py` (one model) or `seq2seq.py` (two optimizers, two losses) to start your own.
+Copy `recipes/classifier/` (one model) or `recipes/seq2seq/` (two optimizers, two losses) to start
+your own: its `__init__.py` holds the keys and defaults, `recipe.py` the models, data and losses.
 """
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -16,6 +18,7 @@ import torch
 from torch import nn
 
 from disttrain.accumulation import ItemCounts, OptimizerGroup
+from disttrain.config import Config, recipe_module
 from disttrain.data.windows import MicroBatchPlan
 
 LossStream = Callable[[dict[str, nn.Module], Any], Iterator[tuple[str, torch.Tensor]]]
@@ -53,6 +56,11 @@ class Recipe(ABC):
         self.groups = groups
         self.run_dir: str | None = None  # set by the trainer, for files an evaluation writes (plots)
         self.main_process = True  # set by the trainer: the one process that writes such files
+        # Set by the trainer to its engine's: inside the block a module's weights are whole (ZeRO 3
+        # partitions them), e.g. to update a moving average of them.
+        self.full_weights: Callable[[nn.Module], contextlib.AbstractContextManager] = lambda module: (
+            contextlib.nullcontext()
+        )
 
     @property
     @abstractmethod
@@ -111,3 +119,8 @@ class Recipe(ABC):
     def summary(self, metrics: dict[str, float]) -> str:
         """One phrase on the recipe's quality for the final summary line."""
         return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+
+
+def build_recipe(cfg: Config) -> Recipe:
+    """Import the configured recipe's module and build it (models, optimizers, data)."""
+    return recipe_module(cfg.recipe).build(cfg)

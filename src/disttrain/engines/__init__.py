@@ -1,0 +1,20 @@
+"""Engines: DDP (one process included) and DeepSpeed, behind one interface (engines/base.py).
+
+Adding an engine is one file with an `Engine` subclass and one line in `build_engine`.
+"""
+
+from __future__ import annotations
+
+from disttrain.config import Config
+from disttrain.engines.base import Engine
+
+
+def build_engine(cfg: Config, find_unused_parameters: bool = False) -> Engine:
+    """The engine the run config asks for; it starts the process group (through Accelerate)."""
+    if cfg.deepspeed_config:
+        from disttrain.engines.deepspeed import DeepSpeedEngine
+
+        return DeepSpeedEngine(cfg, find_unused_parameters)
+    from disttrain.engines.ddp import DDPEngine
+
+    return DDPEngine(cfg, find_unused_parameters)

@@ -1,0 +1,51 @@
+"""The process group's end: every engine releases it here, without gloo's exit deadlock."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+# Environment variables set for a one-process group (see release_process_group).
+_SET_FOR_ONE_PROCESS: list[str] = []
+
+
+def set_for_one_process(variables: dict[str, str]) -> None:
+    """Set launcher variables a library insists on (DeepSpeed asserts LOCAL_RANK) for a plain
+    one-process run; release_process_group takes them back, so that a later run in this process
+    (a notebook, a sweep) does not take itself for distributed."""
+    for key, value in variables.items():
+        if key not in os.environ:
+            os.environ[key] = value
+            _SET_FOR_ONE_PROCESS.append(key)
+
+
+# Works of each process's last barrier, kept until the process ends (see release_process_group).
+_LAST_BARRIERS: list = []
+
+
+def release_process_group() -> None:
+    """Meet every rank, then destroy the default process group, without gloo's exit deadlock.
+
+    ProcessGroupGloo's destructor (run when the last holder, e.g. a DDP wrapper, is freed, with the
+    GIL held) joins gloo's worker threads. A worker that is still dropping the last reference to a
+    finished collective frees tensors owned by Python and waits for the GIL: the process never
+    exits. Seen as a hang after "done:" in about 1 of 50 launches under load. Keeping the last
+    barrier's work alive means no worker drops a last reference; every earlier work is held by it.
+    docs/gloo-exit-hang.md has the stacks and the check.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    work = torch.distributed.barrier(async_op=True)
+    work.wait()
+    _LAST_BARRIERS.append(work)
+    deepspeed_comm = sys.modules.get("deepspeed.comm")
+    if deepspeed_comm is not None and deepspeed_comm.is_initialized():
+        # DeepSpeed's own teardown also forgets the groups it cached, which a later run in this
+        # process (a sweep, a notebook) would otherwise use after they are gone.
+        deepspeed_comm.destroy_process_group()
+    else:
+        torch.distributed.destroy_process_group()
+    while _SET_FOR_ONE_PROCESS:
+        os.environ.pop(_SET_FOR_ONE_PROCESS.pop(), None)

@@ -1,0 +1,112 @@
+"""What a run reports: losses over all items of all processes, throughput, learning rates, norms.
+
+`Meter` collects each step's per-term loss sums and global item counts, and turns an interval of
+steps into one report (every `log_every` steps). It also keeps the last `FINAL_STEPS` steps apart, so
+that the summary's final loss means the same thing whatever `log_every` is.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from disttrain.accumulation import OptimizerGroup, UpdateResult, WindowResult
+
+FINAL_STEPS = 20  # the summary's final loss: the mean over all items of this many last steps
+
+
+@dataclass
+class PhaseResult:
+    phase: str
+    terms: tuple[str, ...]
+    window: WindowResult
+    update: UpdateResult
+
+
+@dataclass
+class StepResult:
+    phases: list[PhaseResult]
+    samples: int  # global samples through the models in this step (fewer in the last window of an epoch)
+    halted: bool = False  # a non-finite gradient stopped the step (on_nonfinite=stop)
+    untouched: bool = True  # no phase of the step had updated a model before it halted
+
+
+Pairs = dict[tuple[str, str], torch.Tensor]  # (phase, term) -> [local loss sum, global count]
+
+
+def _add(into: Pairs, pairs: Pairs) -> None:
+    for key, pair in pairs.items():
+        into[key] = into[key] + pair if key in into else pair
+
+
+class Meter:
+    """Loss sums and counts per (phase, term), samples and time, from one report to the next.
+
+    `reduce_sum` sums a tensor over processes (the loss sums are local, the counts already global).
+    """
+
+    def __init__(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor]):
+        self.reduce_sum = reduce_sum
+        self.interval: Pairs = {}
+        self.recent: deque[Pairs] = deque(maxlen=FINAL_STEPS)
+        self.samples = self.steps = 0
+        self.started = time.perf_counter()
+
+    def add(self, result: StepResult) -> None:
+        pairs: Pairs = {}
+        for r in result.phases:
+            for j, term in enumerate(r.terms):
+                _add(pairs, {(r.phase, term): torch.stack([r.window.loss_sums[j], r.window.counts[j]])})
+        _add(self.interval, pairs)
+        self.recent.append(pairs)
+        self.samples += result.samples
+        self.steps += 1
+
+    def report(self, groups: Sequence[OptimizerGroup], last: StepResult) -> dict[str, float]:
+        """The interval's report, then a new interval: a collective (every process calls it)."""
+        elapsed = time.perf_counter() - self.started
+        tokens = sum(float(pair[1]) for (_, term), pair in self.interval.items() if term == "tokens")
+        report = self._losses(self.interval)
+        report["samples_per_s"] = self.samples / elapsed
+        if tokens:
+            report["tokens_per_s"] = tokens / elapsed
+        report["step_time_s"] = elapsed / self.steps
+        for g in groups:
+            for group, lr in zip(g.optimizer.param_groups, g.scheduler.get_last_lr(), strict=True):
+                report.setdefault(f"lr/{group.get('name', g.name)}", lr)
+        for r in last.phases:
+            report.update({f"grad_norm/{k}": float(v) for k, v in r.update.grad_norms.items()})
+        self.interval, self.samples, self.steps = {}, 0, 0
+        self.started = time.perf_counter()
+        return report
+
+    def final_losses(self) -> dict[str, float]:
+        """The losses over all items of the last FINAL_STEPS steps (a collective)."""
+        window: Pairs = {}
+        for pairs in self.recent:
+            _add(window, pairs)
+        return self._losses(window) if window else {}
+
+    def _losses(self, pairs: Pairs) -> dict[str, float]:
+        """Each term's mean over all its items on all processes, summed per phase."""
+        stacked = torch.stack(list(pairs.values()))
+        sums = self.reduce_sum(stacked[:, 0].contiguous())
+        means = (sums / stacked[:, 1].clamp(min=1)).tolist()
+        phases = list(dict.fromkeys(phase for phase, _ in pairs))
+        report: dict[str, float] = {}
+        for phase in phases:
+            terms = {t: m for (p, t), m in zip(pairs, means, strict=True) if p == phase}
+            prefix = "loss" if len(phases) == 1 else f"loss/{phase}"
+            report[prefix] = sum(terms.values())
+            if len(terms) > 1:
+                report.update({f"{prefix}/{t}": m for t, m in terms.items()})
+        return report
+
+
+def format_losses(losses: dict[str, float]) -> str:
+    shown = {k: v for k, v in losses.items() if k.startswith("loss") and k.count("/") <= 1}
+    return ", ".join(f"{k.replace('/', ' ')} {v:.4g}" for k, v in shown.items()) or "loss n/a"

@@ -1,0 +1,92 @@
+"""Everything checked before a process group starts: the config, then what spans modules.
+
+`resolve_config` loads the config (`disttrain.config`), runs the recipe's own validation, checks the
+launcher's variables, the device, the DeepSpeed file and the tracker package, and resolves derived
+values (the DeepSpeed file a launcher names), so that the trainer runs the config it is given
+without changing it. `train.py` calls `config_or_exit`: one line per run for any refusal.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from disttrain.config import (
+    Config,
+    ConfigError,
+    exit_with_config_error,
+    help_text,
+    load_config,
+    world_size_from_env,
+)
+from disttrain.deepspeed_config import check_against_run, deepspeed_config_path, load_user_config
+from disttrain.tracking import check_tracker
+
+
+def resolve_config(argv: list[str], world_size: int | None = None) -> Config:
+    """The run's config, checked as a whole; raises ConfigError naming the key and the fix."""
+    world = world_size_from_env() if world_size is None else world_size
+    cfg = load_config(argv, world)
+    cfg.deepspeed_config = deepspeed_config_path(cfg)  # `accelerate launch` may name it in its variables
+    validate_recipe = getattr(cfg.recipe_config, "validate", None)
+    if validate_recipe is not None:
+        validate_recipe(cfg)
+    check_tracker(cfg)
+    check_deepspeed(cfg, world)
+    check_launcher_env(cfg)
+    check_device_support(cfg, world)
+    return cfg
+
+
+def config_or_exit(argv: list[str]) -> Config:
+    """train.py's entry: print help or a one-line config error and exit, else return the config."""
+    try:
+        if any(a in ("-h", "--help", "help") for a in argv):
+            print(help_text(argv))
+            sys.exit(0)
+        return resolve_config(argv)
+    except ConfigError as e:
+        exit_with_config_error(e)
+        raise  # not reached: exit_with_config_error exits
+
+
+def check_deepspeed(cfg: Config, world_size: int) -> None:
+    if not cfg.deepspeed_config:
+        return
+    user = load_user_config(cfg.deepspeed_config)
+    check_against_run(user, cfg.deepspeed_config, cfg, world_size)
+    if cfg.on_nonfinite == "skip":
+        raise ConfigError(
+            "on_nonfinite=skip is not supported under DeepSpeed (its engines keep the reduced gradients "
+            "until they step); use on_nonfinite=stop, which checkpoints the state before the bad step"
+        )
+
+
+def check_launcher_env(cfg: Config) -> None:
+    """Refuse launcher settings that would silently override this run's config.
+
+    `accelerate launch` exports its config file's values, and Accelerate reads them over the
+    arguments it is given: a second source for settings that decide the update.
+    """
+    launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", cfg.mixed_precision)
+    if launcher_precision != cfg.mixed_precision:
+        raise ConfigError(
+            f"mixed_precision={cfg.mixed_precision} but the accelerate launch config says "
+            f"mixed_precision: {launcher_precision}; set it once, in the run config (mixed_precision=...), "
+            "and remove it from the accelerate config"
+        )
+    launcher_accumulation = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1")
+    if launcher_accumulation != "1":
+        raise ConfigError(
+            f"the accelerate launch config sets gradient_accumulation_steps: {launcher_accumulation}; "
+            "remove it: accumulation follows from global_batch_size / (micro_batch_size x processes)"
+        )
+
+
+def check_device_support(cfg: Config, world_size: int) -> None:
+    import torch
+
+    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("mixed_precision=fp16 needs a GPU (CPU has no fp16 loss scaling); use bf16 on CPU")
+    if cfg.sync_batchnorm and world_size > 1 and not torch.cuda.is_available():
+        raise ConfigError("sync_batchnorm=true needs GPUs (torch's SyncBatchNorm does not run on CPU); set it to false")

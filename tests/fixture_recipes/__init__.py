@@ -1,0 +1,1 @@
+"""Recipes that live outside the package, as a user's would: found by module path."""
