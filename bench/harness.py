@@ -15,7 +15,6 @@ import gc
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -199,9 +198,9 @@ def finish() -> None:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from disttrain.spawn import free_port as below_the_ephemeral_range
+
+    return below_the_ephemeral_range()
 
 
 def job_env(scratch: str) -> dict[str, str]:

@@ -2,7 +2,10 @@ import os
 
 import pytest
 
-pytest_plugins = ["tests.slurm_cluster"]  # the real SLURM cluster fixture, started only by tests that use it
+pytest_plugins = [
+    "tests.slurm_cluster",  # the real SLURM cluster fixture, started only by tests that use it
+    "tests.stop_on_signals",  # SIGTERM unwinds the suite like Ctrl-C: daemons and clusters are stopped
+]
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 

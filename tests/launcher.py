@@ -28,7 +28,7 @@ def _command(launcher: list[str], train_args: tuple[str, ...]) -> list[str]:
     return [*launcher, "train.py", *config, *train_args]
 
 
-def launch(launcher: list[str], *train_args: str, timeout: float = 150, ok: bool = True) -> subprocess.CompletedProcess:
+def launch(launcher: list[str], *train_args: str, timeout: float = 300, ok: bool = True) -> subprocess.CompletedProcess:
     """Run train.py under `launcher` (debug.yaml unless a config or recipe is given) and wait for it."""
     try:
         result = subprocess.run(
@@ -73,9 +73,15 @@ def _kill_tree(pid: int) -> None:
 
 
 def kill_when(
-    launcher: list[str], *train_args: str, ready: Callable[[], bool], delay: float = 0.0, timeout: float = 150
+    launcher: list[str],
+    *train_args: str,
+    ready: Callable[[], bool],
+    delay: float = 0.0,
+    timeout: float = 150,
+    sig: signal.Signals | None = None,
 ) -> subprocess.CompletedProcess:
-    """Start train.py, SIGKILL the launcher and every rank `delay` seconds after `ready()` turns true."""
+    """Start train.py, SIGKILL the launcher and every rank `delay` seconds after `ready()` turns true;
+    or, with `sig`, send that signal to the launcher alone and wait for the run to end."""
     proc = subprocess.Popen(
         _command(launcher, train_args),
         cwd=REPO,
@@ -94,6 +100,14 @@ def kill_when(
             )
         time.sleep(0.02)
     time.sleep(delay)
-    _kill_tree(proc.pid)
-    out, _ = proc.communicate()
+    if sig is None:
+        _kill_tree(proc.pid)
+    else:
+        proc.send_signal(sig)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_tree(proc.pid)
+        out, _ = proc.communicate()
+        raise AssertionError(f"the run did not end within {timeout}s of {sig!r}:\n{out}") from None
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")

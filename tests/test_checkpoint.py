@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 
 from disttrain.checkpoint import CheckpointError, complete_checkpoints, prune
 from disttrain.preflight import resolve_config
+from disttrain.rundir import RunDirError
+from disttrain.safe_files import file_sha256
 from disttrain.trainer import Trainer
 from tests.cases import RECIPES, TINY_GAN
 from tests.launcher import REPO, launch
@@ -76,8 +78,12 @@ def test_resume_auto_and_never(tmp_path):
     assert train(tmp_path, "a", *args).resumed_from is None  # nothing to resume yet
     cfg = resolve_config([*args, f"output_dir={tmp_path}", "run_name=a"], world_size=1)
     assert Trainer(cfg).start_step == 4  # auto: the newest complete checkpoint
-    cfg = resolve_config([*args, f"output_dir={tmp_path}", "run_name=a", "resume=never"], world_size=1)
+    cfg = resolve_config([*args, f"output_dir={tmp_path}", "run_name=b", "resume=never"], world_size=1)
     assert Trainer(cfg).start_step == 0
+    # never, into a directory with checkpoints, would mix two runs' checkpoints: refused (issue 15)
+    cfg = resolve_config([*args, f"output_dir={tmp_path}", "run_name=a", "resume=never"], world_size=1)
+    with pytest.raises(RunDirError, match="holds checkpoints of an earlier run and resume=never would mix"):
+        Trainer(cfg)
 
 
 # The training script with checkpoint publication of step 3 stalled: the test kills it there.
@@ -159,7 +165,8 @@ def test_a_pickled_object_is_not_run(tmp_path, finished, monkeypatch):
     state = path / "trainer.pt"
     torch.save({"step": 4, "evil": Payload()}, state)
     manifest = json.loads((path / "manifest.json").read_text())
-    manifest["files"]["trainer.pt"] = state.stat().st_size  # the manifest agrees: only the loader protects
+    # the manifest agrees (size and checksum): only the loader protects
+    manifest["files"]["trainer.pt"] = {"bytes": state.stat().st_size, "sha256": file_sha256(state)}
     (path / "manifest.json").write_text(json.dumps(manifest))
     message = resume_error(tmp_path, args, f"resume={path}")
     assert "trainer.pt is unreadable" in message

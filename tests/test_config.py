@@ -214,3 +214,52 @@ def test_launcher_and_device_refusals_are_one_line_before_any_process_group():
         assert fp16.returncode == 2 and fp16.stderr.strip().splitlines() == [
             "config error: mixed_precision=fp16 needs a GPU (CPU has no fp16 loss scaling); use bf16 on CPU"
         ]
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["seq2seq.n_heads=0"], "seq2seq.n_heads=0 must be >= 1"),
+        (["seq2seq.n_heads=-2"], "seq2seq.n_heads=-2 must be >= 1"),
+        (["seed=-1"], "seed=-1 must be >= 0"),
+        (["seq2seq.encoder.lr=nan"], "seq2seq.encoder.lr=nan must be a finite number"),
+        (["recipe=classifier", "classifier.optimizer.lr=inf"], "classifier.optimizer.lr=inf must be a finite number"),
+        (["seq2seq.max_len=100000"], "seq2seq.num_train=50000 x seq2seq.max_len=100000 needs about"),
+        (["run_name=/tmp/elsewhere"], "run_name=/tmp/elsewhere must name a directory inside output_dir"),
+        (["run_name=../escaped"], "run_name=../escaped must name a directory inside output_dir"),
+        (
+            ["recipe=classifier", "classifier.optimizer.learning_rate=0.1"],
+            "unknown key 'classifier.optimizer.learning_rate' on the command line; did you mean 'classifier.optimizer.lr'?",
+        ),
+        (["max_steps=5"], "did you mean 'steps'?"),
+        (
+            ["gradient_accumulation_steps=4"],
+            "accumulation follows from global_batch_size / (micro_batch_size x processes)",
+        ),
+    ],
+)
+def test_bad_values_are_refused_before_launch(args, expected):
+    assert expected in refused(args)
+
+
+def test_bad_config_files_are_refused_with_the_reason(tmp_path):
+    listed, empty, broken = tmp_path / "list.yaml", tmp_path / "empty.yaml", tmp_path / "broken.yaml"
+    listed.write_text("- steps\n- 3\n")
+    empty.write_text("# nothing but a comment\n")
+    broken.write_text("steps: 3\n  seed: [1\n")
+    assert (
+        refused([f"config={listed}"])
+        == f"config={listed}: the top level must be a mapping of keys (key: value), not a list"
+    )
+    assert refused([f"config={empty}"]) == f"config={empty} is empty; give it keys (key: value) or leave config= out"
+    assert refused([f"config={broken}"]) == (
+        f"config={broken}: not valid YAML at line 2, column 7: mapping values are not allowed in this context"
+    )
+
+
+def test_help_into_a_closed_pipe_is_quiet():
+    # `true` reads nothing and exits at once: the help text meets a closed pipe (`--help | head`)
+    result = subprocess.run(
+        f"{sys.executable} train.py --help | true", shell=True, cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0 and result.stderr == ""

@@ -123,7 +123,7 @@ def test_accelerate_launch_with_a_deepspeed_config_matches_one_ddp_process(tmp_p
     assert (
         sorted(os.listdir(runs / "zero2"))
         == sorted(os.listdir(runs / "ddp"))
-        == ["checkpoints", "config.yaml", "seq2seq.safetensors"]
+        == ["checkpoints", "config.yaml", "seq2seq.safetensors", "status.json"]
     )
     a, b = load_file(runs / "zero2" / "seq2seq.safetensors"), load_file(runs / "ddp" / "seq2seq.safetensors")
     for name in b:

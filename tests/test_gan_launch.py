@@ -46,6 +46,7 @@ def test_gan_two_processes_match_one_process(tmp_path):
             "generator.safetensors",
             "generator_ema.safetensors",
             "samples.png",
+            "status.json",
         ]
     for model in ("generator", "discriminator"):
         w1, w2 = load_file(runs / "one" / f"{model}.safetensors"), load_file(runs / "two" / f"{model}.safetensors")

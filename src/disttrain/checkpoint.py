@@ -7,7 +7,7 @@ Layout of `<run dir>/checkpoints/step-00001000/`:
   trainer.pt                  the trainer's state: step, schedulers, gradient scaler, counters...
   rng/rank-<r>.pt             every process's random generators
   config.yaml                 the run's resolved config, to refuse an incompatible resume
-  manifest.json               written last: every file and its size
+  manifest.json               written last: every file, its size and its sha256
 
 Everything is written into `step-XXXXXXXX.tmp/` and published by renaming the directory, so a kill
 at any moment leaves either a complete checkpoint or none. `.pt` files are read with
@@ -19,6 +19,7 @@ weights are kept, and the trainer's state as a plain dict. It knows no trainer.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -35,7 +36,7 @@ from torch import nn
 
 from disttrain.config import Config, flat_items, to_yaml
 from disttrain.engines.base import Engine
-from disttrain.safe_files import CheckpointError, safe_load
+from disttrain.safe_files import CheckpointError, file_sha256, safe_load, save_torch
 from disttrain.weights import write_weights
 
 MANIFEST = "manifest.json"
@@ -98,34 +99,61 @@ def prune(run_dir: str, keep: int) -> None:
 # --------------------------------------------------------------------------- writing
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (full disk, I/O error); raised on every process alike."""
+
+
 def save_checkpoint(
     run_dir: str, step: int, engine: Engine, models: dict[str, nn.Module], state: dict[str, Any], cfg: Config
 ) -> str:
     """Write the state after `step` optimizer steps; a collective: every process calls it.
 
     `models` are the modules whose full weights are kept (the recipe's exported models), `state` the
-    trainer's own state (tensors and plain containers).
+    trainer's own state (tensors and plain containers). A write that fails on any process (a full
+    disk) fails on every process with that process's reason, and leaves the previous checkpoint
+    the newest complete one.
     """
     main = engine.is_main_process
     final = os.path.join(checkpoints_dir(run_dir), f"step-{step:08d}")
     tmp = final + ".tmp"
-    if main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for sub in ("models", "rng"):
-            os.makedirs(os.path.join(tmp, sub))
+    refusal = _space_refusal(run_dir, final, models) if main else ""
+    refusal = engine.share_from_main(refusal)
+    if refusal:
+        raise CheckpointWriteError(refusal)
+    failure, digests = "", {}
+    try:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            for sub in ("models", "rng"):
+                os.makedirs(os.path.join(tmp, sub))
+    except OSError as e:
+        failure = _explained(e, tmp)
     engine.wait_for_everyone()
+    try:
+        # Collectives inside (gathering sharded weights, DeepSpeed's own save): every process takes
+        # part; a failed write is reported after them, so no process waits for one that gave up.
+        digests.update(write_weights(models, os.path.join(tmp, "models"), engine))
+        digests.update(engine.save_state(tmp))
+        if main:
+            digests[os.path.join(tmp, "trainer.pt")] = save_torch(state, os.path.join(tmp, "trainer.pt"))
+            with open(os.path.join(tmp, "config.yaml"), "w") as f:
+                f.write(to_yaml(cfg))
+        save_torch(_rng_state(), os.path.join(tmp, "rng", f"rank-{engine.rank}.pt"))
+    except OSError as e:
+        failure = failure or _explained(e, tmp)
+    failures = engine.gather_objects(failure)  # also the barrier before publishing
+    if any(failures):
+        rank, reason = next((r, f) for r, f in enumerate(failures) if f)
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        where = "" if rank == engine.rank else f"process {rank} failed: "
+        raise CheckpointWriteError(f"checkpoint step-{step:08d} not written: {where}{reason}")
 
-    write_weights(models, os.path.join(tmp, "models"), engine)
-    engine.save_state(tmp)
     if main:
-        torch.save(state, os.path.join(tmp, "trainer.pt"))
-        with open(os.path.join(tmp, "config.yaml"), "w") as f:
-            f.write(to_yaml(cfg))
-    torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank-{engine.rank}.pt"))
-    engine.wait_for_everyone()
-
-    if main:
-        files = {os.path.relpath(p, tmp): os.path.getsize(p) for p in _files(tmp)}
+        files = {
+            os.path.relpath(p, tmp): {"bytes": os.path.getsize(p), "sha256": digests.get(p) or file_sha256(p)}
+            for p in _files(tmp)
+        }
         manifest = {"step": step, "world_size": engine.world_size, "files": files}
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1, sort_keys=True)
@@ -136,6 +164,35 @@ def save_checkpoint(
         prune(run_dir, cfg.keep_checkpoints)
     engine.wait_for_everyone()
     return final
+
+
+def _explained(e: OSError, where: str) -> str:
+    if e.errno == errno.ENOSPC:
+        free = shutil.disk_usage(os.path.dirname(where)).free if os.path.isdir(os.path.dirname(where)) else 0
+        return f"no space left on device writing {e.filename or where} ({free / 2**20:.1f} MiB free there)"
+    return f"{e.strerror or e} writing {e.filename or where}"
+
+
+def _space_refusal(run_dir: str, final: str, models: dict[str, nn.Module]) -> str:
+    """Why a checkpoint cannot fit on its disk, before writing it; empty when it can.
+
+    Its size is the newest checkpoint's; before the first, the weights with two optimizer moments
+    each (Adam). Pruning runs after the new checkpoint is published, so that much must be free.
+    """
+    os.makedirs(checkpoints_dir(run_dir), exist_ok=True)
+    found = complete_checkpoints(run_dir)
+    if found:
+        needed = sum(os.path.getsize(p) for p in _files(found[-1]))
+    else:
+        needed = 3 * sum(t.numel() * t.element_size() for m in models.values() for t in m.state_dict().values())
+    free = shutil.disk_usage(checkpoints_dir(run_dir)).free
+    if needed <= free:
+        return ""
+    return (
+        f"checkpoint {os.path.basename(final)} needs about {needed / 2**20:.1f} MiB and "
+        f"{checkpoints_dir(run_dir)} has {free / 2**20:.1f} MiB free; free space there or lower keep_checkpoints "
+        "(a run needs room for keep_checkpoints + 1 checkpoints and the final weights)"
+    )
 
 
 def _files(root: str) -> Iterator[str]:
@@ -180,29 +237,74 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- reading
 
 
-def verify(path: str) -> dict[str, Any]:
-    """The manifest of a complete checkpoint, after checking that every file it lists is whole."""
+class CheckpointDamaged(CheckpointError):
+    """A checkpoint whose files are not what its manifest recorded."""
+
+
+def verify(path: str, checksums: bool = True) -> dict[str, Any]:
+    """The manifest of a complete checkpoint, after checking that every file it lists is whole:
+    its size, and (with `checksums`) its sha256. Raises CheckpointDamaged naming the file."""
     manifest_path = os.path.join(path, MANIFEST)
     if not os.path.isfile(manifest_path):
-        raise CheckpointError(f"{path} has no {MANIFEST}: it is not a complete checkpoint")
+        raise CheckpointDamaged(f"{path} has no {MANIFEST}: it is not a complete checkpoint")
     try:
         with open(manifest_path) as f:
             manifest = json.load(f)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{manifest_path} is unreadable ({e})") from e
-    for rel, size in manifest["files"].items():
+        recorded = {rel: (int(entry["bytes"]), str(entry["sha256"])) for rel, entry in manifest["files"].items()}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointDamaged(f"{manifest_path} is unreadable ({e})") from e
+    for rel, (size, digest) in recorded.items():
         file = os.path.join(path, rel)
         actual = os.path.getsize(file) if os.path.isfile(file) else None
         if actual != size:
             found = "missing" if actual is None else f"{actual} bytes, {size} expected"
-            raise CheckpointError(
-                f"checkpoint {path} is damaged: {rel} is {found}; resume from an older one with resume=<path> "
-                f"(others: {', '.join(os.path.basename(p) for p in complete_checkpoints(_run_dir_of(path))) or 'none'})"
+            raise CheckpointDamaged(f"checkpoint {path} is damaged: {rel} is {found}")
+        if checksums and file_sha256(file) != digest:
+            raise CheckpointDamaged(
+                f"checkpoint {path} is damaged: {rel} does not match its recorded checksum (its bytes changed)"
             )
     return manifest
 
 
-def _run_dir_of(path: str) -> str:
+def verified_by_main(path: str, engine: Engine) -> dict[str, Any]:
+    """`verify` with sizes on every process and checksums read once, on the main process."""
+    manifest = verify(path, checksums=False)
+    problem = ""
+    if engine.is_main_process:
+        try:
+            verify(path)
+        except CheckpointDamaged as e:
+            problem = str(e)
+    problem = engine.share_from_main(problem)
+    if problem:
+        raise CheckpointDamaged(problem)
+    return manifest
+
+
+def newest_intact(paths: list[str], engine: Engine) -> str | None:
+    """The newest of `paths` whose files all match their manifest (a collective)."""
+    for path in reversed(paths):
+        try:
+            verified_by_main(path, engine)
+        except CheckpointDamaged:
+            continue
+        return path
+    return None
+
+
+def damaged_hint(path: str, engine: Engine, newest_of_run: bool) -> str:
+    """What to do about a damaged checkpoint: name the newest intact older one of its run."""
+    name = os.path.basename(os.path.normpath(path))
+    older = [p for p in complete_checkpoints(run_dir_of(path)) if os.path.basename(p) < name]
+    intact = newest_intact(older, engine)
+    if intact is None:
+        return "no older checkpoint of this run is intact; start afresh with resume=never and another run_name"
+    if newest_of_run:  # resume=auto: never fall back silently
+        return f"the newest intact one is {intact}; continue from it with resume={intact}"
+    return f"resume from an older one with resume={intact} (the newest intact one)"
+
+
+def run_dir_of(path: str) -> str:
     return os.path.dirname(os.path.dirname(os.path.normpath(path)))
 
 
@@ -226,7 +328,7 @@ def load_checkpoint(path: str, engine: Engine, models: dict[str, nn.Module], cfg
 
     Refuses, naming what differs, a checkpoint of another configuration.
     """
-    manifest = verify(path)
+    manifest = verified_by_main(path, engine)
     with open(os.path.join(path, "config.yaml")) as f:
         saved = OmegaConf.to_container(OmegaConf.load(f))
     differences = incompatibilities(saved, cfg)

@@ -272,13 +272,52 @@ def flat_items(node: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# Names other tools use for a key, by meaning: a did-you-mean by spelling would miss them.
+ALIASES = {
+    "learning_rate": "lr",
+    "batch_size": "global_batch_size",
+    "train_batch_size": "global_batch_size",
+    "per_device_train_batch_size": "micro_batch_size",
+    "epochs": "steps",
+    "max_steps": "steps",
+    "num_steps": "steps",
+    "max_grad_norm": "clip_grad_norm",
+    "grad_clip": "clip_grad_norm",
+    "gradient_clipping": "clip_grad_norm",
+    "wd": "weight_decay",
+    "warmup": "warmup_steps",
+    "scheduler": "schedule",
+    "lr_scheduler": "schedule",
+    "lr_schedule": "schedule",
+    "precision": "mixed_precision",
+    "save_every": "checkpoint_every",
+    "eval_interval": "eval_every",
+    "log_interval": "log_every",
+}
+
+
+def _meant(key: str, known: dict[str, Any]) -> str | None:
+    """The known key an alias stands for, in the same section (`encoder.learning_rate` -> `encoder.lr`)."""
+    prefix, _, last = key.rpartition(".")
+    alias = ALIASES.get(last)
+    if alias is None:
+        return None
+    candidate = f"{prefix}.{alias}" if prefix else alias
+    return candidate if candidate in known else None
+
+
 def _check_known(cls: type, keys: list[str], origin: str) -> None:
     known = schema_keys(cls)
     for key in keys:
         if key in known:
             continue
-        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-        hint = f"; did you mean '{close[0]}'?" if close else "; see `python train.py --help` for the keys"
+        if key.rpartition(".")[2] == "gradient_accumulation_steps":
+            raise ConfigError(
+                f"unknown key '{key}' {origin}; accumulation follows from global_batch_size / "
+                "(micro_batch_size x processes): set those two instead"
+            )
+        close = _meant(key, known) or next(iter(difflib.get_close_matches(key, known, n=1, cutoff=0.6)), None)
+        hint = f"; did you mean '{close}'?" if close else "; see `python train.py --help` for the keys"
         prefix = key.split(".", 1)[0]
         if not close and "." in key and prefix in builtin_recipes():
             hint = f"; {prefix}.* keys belong to recipe={prefix}, and this run's recipe has no section '{prefix}'"
@@ -305,9 +344,17 @@ def _load_file(config_path: str) -> Any:
     if not os.path.isfile(config_path):
         raise ConfigError(f"config={config_path}: no such file")
     try:
-        return OmegaConf.load(config_path)
-    except Exception as e:  # a YAML syntax error names the line
-        raise ConfigError(f"config={config_path}: not valid YAML ({str(e).splitlines()[0]})") from e
+        loaded = OmegaConf.load(config_path)
+    except Exception as e:  # PyYAML's errors carry the line and column of the problem
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).strip().splitlines()[0]
+        raise ConfigError(f"config={config_path}: not valid YAML{where}: {problem}") from e
+    if not OmegaConf.is_dict(loaded):
+        raise ConfigError(f"config={config_path}: the top level must be a mapping of keys (key: value), not a list")
+    if not loaded:
+        raise ConfigError(f"config={config_path} is empty; give it keys (key: value) or leave config= out")
+    return loaded
 
 
 def chosen_recipe(argv: list[str]) -> str:
@@ -349,6 +396,9 @@ def load_config(argv: list[str], world_size: int | None = None) -> Config:
         except OmegaConfBaseException as e:
             key = getattr(e, "full_key", None) or "?"
             raise ConfigError(f"{key}: {_first_line(e)} (from {origin})") from e
+    for key, value in flat_items(OmegaConf.to_container(merged)).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}={value} must be a finite number")
     cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     validate(cfg, world_size_from_env() if world_size is None else world_size)
     return cfg
@@ -360,6 +410,7 @@ def _first_line(e: Exception) -> str:
 
 def validate(cfg: Config, world_size: int) -> None:
     """Refuse run keys that cannot give the promised update, naming the key and the fix."""
+    at_least("seed", cfg.seed, 0)
     at_least("steps", cfg.steps, 1)
     at_least("micro_batch_size", cfg.micro_batch_size, 1)
     at_least("global_batch_size", cfg.global_batch_size, 1)
@@ -386,6 +437,11 @@ def validate(cfg: Config, world_size: int) -> None:
     at_least("log_every", cfg.log_every, 1)
     at_least("checkpoint_every", cfg.checkpoint_every, 0)
     at_least("keep_checkpoints", cfg.keep_checkpoints, 1)
+    if os.path.isabs(cfg.run_name) or ".." in cfg.run_name.split(os.sep):
+        raise ConfigError(
+            f"run_name={cfg.run_name} must name a directory inside output_dir (no absolute path, no '..'); "
+            "choose the parent with output_dir="
+        )
     if cfg.resume not in ("auto", "never") and not os.path.isdir(cfg.resume):
         raise ConfigError(f"resume={cfg.resume}: no such checkpoint directory; use auto, never or a checkpoint path")
     one_of("on_nonfinite", cfg.on_nonfinite, NONFINITE_ACTIONS)
@@ -420,6 +476,11 @@ def help_text(argv: list[str]) -> str:
         f"Other built-in recipes: {', '.join(others)}; `python train.py recipe=<name> --help` lists their keys.",
     ]
     return "\n".join(lines)
+
+
+def memory_bytes() -> int:
+    """This machine's physical memory, for refusing sizes that cannot fit before they are tried."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def to_yaml(cfg: Config) -> str:

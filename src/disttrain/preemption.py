@@ -11,9 +11,19 @@ import contextlib
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+# SIGUSR1: SLURM's warning before the time limit; SIGTERM: preemption, scancel, a launcher that
+# ended (see stop_with_the_launcher); SIGINT: Ctrl-C, which `accelerate launch` passes on; SIGHUP:
+# the terminal or SSH session went away.
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+# Exit statuses of train.py (documented in the README). Through `accelerate launch`, torch's agent
+# reports any non-zero rank as 1: the run directory's status.json says which it was.
+EXIT_FINISHED, EXIT_FAILED, EXIT_REFUSED, EXIT_STOPPED = 0, 1, 2, 3
+
+DUPLICATE_S = 1.0  # a second signal sooner than this after the first is the same request
 
 
 def slurm_job() -> str:
@@ -26,10 +36,22 @@ def slurm_job() -> str:
 
 @contextlib.contextmanager
 def stop_signals_caught(on_signal: Callable[[str], None]) -> Iterator[None]:
-    """Inside the block, a stop signal calls `on_signal(name)` instead of ending the process."""
+    """Inside the block, a stop signal calls `on_signal(name)` instead of ending the process; a
+    second one stops at once (KeyboardInterrupt), so that nobody is trapped in a long step.
+
+    One event can deliver a signal twice within milliseconds (a launcher's end: its ranks each
+    get two SIGTERMs); a repeat within DUPLICATE_S of the first is taken as the same request.
+    """
+    caught: list[tuple[str, float]] = []
 
     def catch(signum: int, frame: object) -> None:
-        on_signal(signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if caught:
+            if time.monotonic() - caught[0][1] < DUPLICATE_S:
+                return
+            raise KeyboardInterrupt(f"{name} after {caught[0][0]}: stopped at once, without a checkpoint")
+        caught.append((name, time.monotonic()))
+        on_signal(name)
 
     try:
         previous = {s: signal.signal(s, catch) for s in STOP_SIGNALS}
@@ -67,9 +89,46 @@ def requeue(job: str, reason: str) -> str:
     return f"requeued job {job}, which resumes from it"
 
 
+def stop_reason(signal_name: str | None) -> str:
+    """What stopped the run, as its last line says it."""
+    reason = signal_name or "a signal on another process"
+    return f"{reason} (the launcher ended)" if launcher_gone() else reason
+
+
 def how_to_continue(checkpoint: str, run_dir: str, reason: str) -> str:
     """After a stop's checkpoint: requeue under SLURM (main process only), else the command to resume."""
     job = slurm_job()
     if job:
         return requeue(job, reason)
     return f"continue with resume={checkpoint}, or the same command with run_name={os.path.basename(run_dir)}"
+
+
+_LAUNCHER: list[int] = []  # the launcher's pid, when this process asked to hear of its end
+
+
+def stop_with_the_launcher() -> None:
+    """A rank of `accelerate launch` (torch's agent) gets SIGTERM when the launcher ends, and so
+    stops at the next step with a checkpoint, instead of training on as an orphan.
+
+    The agent starts every rank in a session of its own, so a signal that ends the launcher (SIGUSR1
+    sent to it alone, SIGKILL) would otherwise never reach the ranks. Linux only (prctl).
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not os.path.exists("/proc/self"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return
+    if libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0) != 0:
+        return
+    _LAUNCHER.append(os.getppid())
+    if launcher_gone():  # it ended before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def launcher_gone() -> bool:
+    """Whether this rank's launcher ended (after stop_with_the_launcher)."""
+    return bool(_LAUNCHER) and os.getppid() != _LAUNCHER[0]

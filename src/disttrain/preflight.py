@@ -35,6 +35,7 @@ def resolve_config(argv: list[str], world_size: int | None = None) -> Config:
     check_deepspeed(cfg, world)
     check_launcher_env(cfg)
     check_device_support(cfg, world)
+    check_output_dir(cfg)
     return cfg
 
 
@@ -42,12 +43,21 @@ def config_or_exit(argv: list[str]) -> Config:
     """train.py's entry: print help or a one-line config error and exit, else return the config."""
     try:
         if any(a in ("-h", "--help", "help") for a in argv):
-            print(help_text(argv))
+            print_to_stdout(help_text(argv))
             sys.exit(0)
         return resolve_config(argv)
     except ConfigError as e:
         exit_with_config_error(e)
         raise  # not reached: exit_with_config_error exits
+
+
+def print_to_stdout(text: str) -> None:
+    """Print, also into a pipe its reader closed early (`--help | head`): no BrokenPipeError."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # Python flushes stdout again at exit: point it at nothing so that flush cannot fail.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def check_deepspeed(cfg: Config, world_size: int) -> None:
@@ -60,6 +70,19 @@ def check_deepspeed(cfg: Config, world_size: int) -> None:
             "on_nonfinite=skip is not supported under DeepSpeed (its engines keep the reduced gradients "
             "until they step); use on_nonfinite=stop, which checkpoints the state before the bad step"
         )
+
+
+def check_output_dir(cfg: Config) -> None:
+    """The run directory's parent must be a writable directory (or creatable in one)."""
+    path = os.path.abspath(cfg.output_dir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"output_dir={cfg.output_dir} is a file, not a directory; choose another output_dir")
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not writable" if existing == path else f"cannot be created: {existing} is not writable"
+        raise ConfigError(f"output_dir={cfg.output_dir} {what} by this user; choose another output_dir")
 
 
 def check_launcher_env(cfg: Config) -> None:

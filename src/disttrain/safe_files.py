@@ -1,4 +1,5 @@
-"""Reading checkpoint files without running code from them, and the error that names what is wrong.
+"""Checkpoint files: written with their checksum, read without running code from them, and the
+error that names what is wrong.
 
 `.pt` files are read with `torch.load(weights_only=True)`: tensors and plain containers only,
 never arbitrary objects.
@@ -6,6 +7,8 @@ never arbitrary objects.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 from typing import Any
 
@@ -27,3 +30,22 @@ def safe_load(file: str, checkpoint: str, allowed: list[Any] | None = None) -> A
         raise CheckpointError(
             f"checkpoint {checkpoint}: {os.path.relpath(file, checkpoint)} is unreadable ({str(e).splitlines()[0]})"
         ) from e
+
+
+def write_bytes(path: str, data: bytes) -> str:
+    """Write `data` to `path`; returns its sha256, computed from the bytes in memory (no second read)."""
+    with open(path, "wb") as f:
+        f.write(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def save_torch(obj: Any, path: str) -> str:
+    """`torch.save` to `path`; returns the file's sha256 (see write_bytes)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return write_bytes(path, buffer.getbuffer().tobytes())
+
+
+def file_sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

@@ -22,14 +22,31 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from disttrain.accumulation import MicroBatch, UpdateResult, WindowResult, accumulate_window
-from disttrain.checkpoint import complete_checkpoints, load_checkpoint, remove_unpublished, save_checkpoint
+from disttrain.checkpoint import (
+    CheckpointDamaged,
+    CheckpointWriteError,
+    complete_checkpoints,
+    damaged_hint,
+    load_checkpoint,
+    remove_unpublished,
+    save_checkpoint,
+)
 from disttrain.config import Config, ConfigError, exit_with_config_error
 from disttrain.data.windows import WindowSampler
 from disttrain.engines import build_engine
 from disttrain.metrics import Meter, PhaseResult, StepResult
-from disttrain.preemption import how_to_continue, stop_signals_caught
+from disttrain.preemption import (
+    EXIT_FAILED,
+    EXIT_FINISHED,
+    EXIT_REFUSED,
+    EXIT_STOPPED,
+    how_to_continue,
+    stop_reason,
+    stop_signals_caught,
+    stop_with_the_launcher,
+)
 from disttrain.recipe import Phase, Recipe, build_recipe
-from disttrain.rundir import make_run_dir
+from disttrain.rundir import RunDirError, make_run_dir, release_lock, write_run_config, write_status
 from disttrain.safe_files import CheckpointError
 from disttrain.summary import final_line, startup_line, warn_batchnorm
 from disttrain.tracking import Tracking
@@ -57,6 +74,7 @@ class Trainer:
         `cfg` comes from `disttrain.preflight.resolve_config` and is not changed here.
         """
         self.cfg = cfg
+        self.progress: tqdm | None = None  # the main process's progress bar, while fit() runs
         set_seed(cfg.seed)  # identical initialisation on every process
         self.recipe = recipe or build_recipe(cfg)
         self.engine = build_engine(cfg, self.recipe.find_unused_parameters)
@@ -68,16 +86,26 @@ class Trainer:
         self.engine.wrap(self.recipe.models, self.recipe.groups)
         self.models, self.groups = self.engine.models, self.engine.groups
         self.sampler = WindowSampler(self.recipe.num_train, cfg.global_batch_size, cfg.micro_batch_size, cfg.seed)
-        self.run_dir = make_run_dir(cfg, self.engine)
+        self.run_dir, taken_over = make_run_dir(cfg, self.engine)
+        if taken_over:
+            self.say(taken_over)
         self.recipe.run_dir, self.recipe.main_process = self.run_dir, self.engine.is_main_process
         self.recipe.full_weights = self.engine.full_weights
         self.overflow_steps = 0  # fp16 steps skipped on overflow (the loss scale was too high)
         self.nonfinite_steps = 0  # updates skipped on a NaN/inf gradient (on_nonfinite=skip)
         self.tracker_run_id: str | None = None
         self.start_step = 0
-        self.stop_reason: str | None = None  # set when a signal ended the run early
-        self.progress: tqdm | None = None
-        self.resumed_from = self._resume()
+        self.step = 0  # optimizer steps done
+        self.stopped = False  # a stop signal ended the run early, with a checkpoint
+        self.stop_reason: str | None = None  # the signal, on the process that caught it
+        try:
+            self.resumed_from = self._resume()
+        except BaseException:
+            if self.engine.is_main_process:
+                release_lock(self.run_dir)  # a refused resume leaves the directory to the next run
+            raise
+        self.step = self.start_step
+        write_run_config(self.run_dir, cfg, self.engine)
         self.tracking = Tracking.start(cfg, self.engine.accelerator, self.run_dir, run_id=self.tracker_run_id)
         self.tracker_run_id = self.tracking.run_id  # kept in checkpoints: a resumed run continues it
 
@@ -159,7 +187,7 @@ class Trainer:
                 result = self.train_step(step)
                 if result.halted:
                     self._halt_on_nonfinite(step, result)
-                done = step + 1
+                done = self.step = step + 1
                 meter.add(result)
                 self.progress.update(1)
                 if done % cfg.log_every == 0 or done == cfg.steps:
@@ -171,6 +199,7 @@ class Trainer:
                 if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done != cfg.steps:
                     saved = self.save_checkpoint(done)
                 if self.accelerator.check_trigger():  # a process caught a stop signal: all stop here
+                    self.stopped = True
                     self._stop_on_signal(done, saved or self.save_checkpoint(done))
                     return {}
             train_time = time.perf_counter() - start
@@ -180,6 +209,8 @@ class Trainer:
             metrics = self.evaluate(step=cfg.steps)
             weights = self.save_weights() if cfg.save_weights else []
             losses = meter.final_losses()
+            if self.engine.is_main_process:
+                write_status(self.run_dir, "finished", cfg.steps)
         self.say(
             final_line(
                 cfg.steps - self.start_step,
@@ -261,7 +292,10 @@ class Trainer:
             path = found[-1]
         else:
             path = cfg.resume
-        restored = load_checkpoint(path, self.engine, self.recipe.exported_models(), cfg)
+        try:
+            restored = load_checkpoint(path, self.engine, self.recipe.exported_models(), cfg)
+        except CheckpointDamaged as e:
+            raise CheckpointDamaged(f"{e}; {damaged_hint(path, self.engine, cfg.resume == 'auto')}") from e
         self.load_state_dict(restored.state)
         if restored.note:
             self.say(restored.note)
@@ -276,7 +310,8 @@ class Trainer:
         """After the checkpoint, under SLURM, the main process requeues the job unless it was cancelled."""
         if not self.engine.is_main_process:
             return
-        reason = self.stop_reason or "a signal on another process"
+        reason = stop_reason(self.stop_reason)
+        write_status(self.run_dir, "stopped", step, f"{reason}; checkpoint {checkpoint}")
         after = how_to_continue(checkpoint, self.run_dir, reason)
         self.say(f"stopped at step {step} of {self.cfg.steps} on {reason}: checkpoint {checkpoint}; {after}")
 
@@ -344,27 +379,48 @@ class Trainer:
     def save_weights(self) -> list[str]:
         """Full weights of each exported model as `<run dir>/<name>.safetensors`."""
         self.engine.wait_for_everyone()
-        paths = write_weights(self.recipe.exported_models(), self.run_dir, self.engine)
+        models = self.recipe.exported_models()
+        write_weights(models, self.run_dir, self.engine)
+        paths = [os.path.join(self.run_dir, f"{name}.safetensors") for name in models]
         self.engine.wait_for_everyone()
         return paths
 
-    def close(self) -> None:
-        """Release the process group cleanly; gloo may abort or hang at exit otherwise."""
-        self.engine.release()
+    def close(self, failed: bool = False) -> None:
+        """Release the run directory, then the process group cleanly (gloo may abort or hang at exit
+        otherwise). After a failure there is no last meeting: a process that died would turn it
+        into a second error printed after the one that explains the failure."""
+        if self.engine.is_main_process:
+            release_lock(self.run_dir)
+        self.engine.release(meet=not failed)
 
 
 def run(cfg: Config) -> int:
-    """train.py's run: build, fit, release; a refused resume or config is one line, exit status 2."""
+    """train.py's run: build, fit, release. Returns the exit status (preemption.EXIT_*): a refused
+    config, resume or run directory is one line on the main process, not a traceback per process."""
+    stop_with_the_launcher()
+    main = os.environ.get("RANK", "0") == "0"
     try:
         trainer = Trainer(cfg)
     except ConfigError as e:
         exit_with_config_error(e)
-    except CheckpointError as e:  # a resume that cannot be: one line, not a traceback per process
-        if os.environ.get("RANK", "0") == "0":
-            print(f"checkpoint error: {e}", file=sys.stderr)
-        return 2
+    except (CheckpointError, RunDirError) as e:
+        if main:
+            kind = "checkpoint error" if isinstance(e, CheckpointError) else "run directory error"
+            print(f"{kind}: {e}", file=sys.stderr)
+        return EXIT_REFUSED
     try:
         trainer.fit()
-    finally:
-        trainer.close()
-    return 0
+    except BaseException as e:
+        if trainer.engine.is_main_process:
+            write_status(trainer.run_dir, "failed", trainer.step, f"{type(e).__name__}: {e}")
+        trainer.close(failed=True)
+        if isinstance(e, KeyboardInterrupt):  # a second stop signal: one line, not a traceback
+            if trainer.engine.is_main_process:
+                print(f"stopped at step {trainer.step}: {e}", file=sys.stderr)
+            return EXIT_FAILED
+        if isinstance(e, CheckpointWriteError):  # every process says it: its own reason, or whose
+            print(f"process {trainer.rank}: {e}", file=sys.stderr)
+            return EXIT_FAILED
+        raise
+    trainer.close()
+    return EXIT_STOPPED if trainer.stopped else EXIT_FINISHED

@@ -12,10 +12,17 @@ import contextlib
 import datetime
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, GradientAccumulationPlugin, InitProcessGroupKwargs
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    GradientAccumulationPlugin,
+    InitProcessGroupKwargs,
+    broadcast_object_list,
+    gather_object,
+)
 from torch import nn
 
 from disttrain.accumulation import OptimizerGroup, UpdateResult, WindowResult
@@ -82,6 +89,18 @@ class Engine(ABC):
     def wait_for_everyone(self) -> None:
         self.accelerator.wait_for_everyone()
 
+    def share_from_main(self, value: Any) -> Any:
+        """The main process's `value`, on every process (a collective)."""
+        if self.world_size == 1:
+            return value
+        box = [value]
+        broadcast_object_list(box, from_process=0)
+        return box[0]
+
+    def gather_objects(self, value: Any) -> list[Any]:
+        """Every process's `value`, in rank order, on every process (a collective)."""
+        return gather_object([value]) if self.world_size > 1 else [value]
+
     # ------------------------------------------------------------------ what differs
 
     @abstractmethod
@@ -113,8 +132,9 @@ class Engine(ABC):
     # ------------------------------------------------------------------ checkpoints and export
 
     @abstractmethod
-    def save_state(self, directory: str) -> None:
-        """Write the engine's part of a checkpoint (optimizer states...); every process calls it."""
+    def save_state(self, directory: str) -> dict[str, str]:
+        """Write the engine's part of a checkpoint (optimizer states...); every process calls it.
+        Returns the sha256 of the files it checksummed while writing them (path -> digest)."""
 
     @abstractmethod
     def load_state(self, directory: str) -> None:
@@ -138,8 +158,9 @@ class Engine(ABC):
         scores all of it, and the results are not summed over processes."""
         return self.rank, self.world_size
 
-    def release(self) -> None:
-        """Meet every process and release the process group (see process_group.release_process_group)."""
+    def release(self, meet: bool = True) -> None:
+        """Meet every process (not after a failure) and release the process group (see
+        process_group.release_process_group)."""
         from disttrain.engines.process_group import release_process_group
 
-        release_process_group()
+        release_process_group(meet)

@@ -17,7 +17,7 @@ from torch import nn
 from disttrain.accumulation import OptimizerGroup, UpdateResult, WindowResult
 from disttrain.config import Config
 from disttrain.engines.base import Engine, build_accelerator
-from disttrain.safe_files import CheckpointError, safe_load
+from disttrain.safe_files import CheckpointError, safe_load, save_torch
 
 OPTIMIZERS_FILE = "optimizers.pt"
 
@@ -93,10 +93,12 @@ class DDPEngine(Engine):
             self.models[name].zero_grad(set_to_none=True)
         return UpdateResult(grad_norms=norms, skipped=skipped, nonfinite=nonfinite)
 
-    def save_state(self, directory: str) -> None:
-        if self.is_main_process:  # identical on every process
-            states = {g.name: unwrap_optimizer(g.optimizer).state_dict() for g in self.groups}
-            torch.save(states, os.path.join(directory, OPTIMIZERS_FILE))
+    def save_state(self, directory: str) -> dict[str, str]:
+        if not self.is_main_process:  # identical on every process
+            return {}
+        states = {g.name: unwrap_optimizer(g.optimizer).state_dict() for g in self.groups}
+        path = os.path.join(directory, OPTIMIZERS_FILE)
+        return {path: save_torch(states, path)}
 
     def load_state(self, directory: str) -> None:
         states = safe_load(os.path.join(directory, OPTIMIZERS_FILE), directory)

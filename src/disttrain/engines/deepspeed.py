@@ -125,9 +125,10 @@ class DeepSpeedEngine(Engine):
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def save_state(self, directory: str) -> None:
+    def save_state(self, directory: str) -> dict[str, str]:
         for name, engine in self.models.items():
             engine.save_checkpoint(os.path.join(directory, STATE_DIR, name), tag="state", save_latest=False)
+        return {}  # DeepSpeed writes its files itself: they are checksummed after
 
     def load_state(self, directory: str) -> None:
         for name, engine in self.models.items():

@@ -25,7 +25,7 @@ def set_for_one_process(variables: dict[str, str]) -> None:
 _LAST_BARRIERS: list = []
 
 
-def release_process_group() -> None:
+def release_process_group(meet: bool = True) -> None:
     """Meet every rank, then destroy the default process group, without gloo's exit deadlock.
 
     ProcessGroupGloo's destructor (run when the last holder, e.g. a DDP wrapper, is freed, with the
@@ -37,9 +37,10 @@ def release_process_group() -> None:
     """
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
-    work = torch.distributed.barrier(async_op=True)
-    work.wait()
-    _LAST_BARRIERS.append(work)
+    if meet:  # not after a failure: a process that died would turn the barrier into a second error
+        work = torch.distributed.barrier(async_op=True)
+        work.wait()
+        _LAST_BARRIERS.append(work)
     deepspeed_comm = sys.modules.get("deepspeed.comm")
     if deepspeed_comm is not None and deepspeed_comm.is_initialized():
         # DeepSpeed's own teardown also forgets the groups it cached, which a later run in this

@@ -37,6 +37,7 @@ class Config:
         at_least(f"{k}.num_features", self.num_features, 1)
         at_least(f"{k}.num_classes", self.num_classes, 2)
         at_least(f"{k}.depth", self.depth, 1)
+        at_least(f"{k}.hidden", self.hidden, 1)
         at_least(f"{k}.num_train", self.num_train, 1)
         at_least(f"{k}.num_eval", self.num_eval, 1)
         self.optimizer.validate(f"{k}.optimizer", run.steps)

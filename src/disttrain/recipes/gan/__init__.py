@@ -50,6 +50,7 @@ class Config:
         at_least(f"{k}.num_eval", self.num_eval, 1)
         at_least(f"{k}.z_dim", self.z_dim, 1)
         at_least(f"{k}.layers", self.layers, 1)
+        at_least(f"{k}.hidden", self.hidden, 1)
         at_least(f"{k}.d_steps", self.d_steps, 1)
         at_least(f"{k}.r1_gamma", self.r1_gamma, 0)
         at_least(f"{k}.r1_every", self.r1_every, 1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from disttrain.config import ConfigError, OptimizerConfig, at_least, one_of, section, setting
+from disttrain.config import ConfigError, OptimizerConfig, at_least, memory_bytes, one_of, section, setting
 
 if TYPE_CHECKING:
     from disttrain.config import Config as RunConfig
@@ -50,6 +50,15 @@ class Config:
             raise ConfigError(f"{k}.max_len={self.max_len} is below {k}.min_len={self.min_len}")
         at_least(f"{k}.num_train", self.num_train, 1)
         at_least(f"{k}.num_eval", self.num_eval, 1)
+        for size in ("d_model", "n_heads", "encoder_layers", "decoder_layers", "ffn_dim"):
+            at_least(f"{k}.{size}", getattr(self, size), 1)
+        # The sequences are generated in memory: refuse what cannot fit before trying.
+        needed = (self.num_train + self.num_eval) * (self.max_len + 2) * 8 * 2  # int64 sources and targets
+        if needed > memory_bytes() // 2:
+            raise ConfigError(
+                f"{k}.num_train={self.num_train} x {k}.max_len={self.max_len} needs about {needed / 2**30:.1f} GiB "
+                f"for the sequences alone, more than half of this machine's {memory_bytes() / 2**30:.0f} GiB; lower them"
+            )
         if self.d_model % self.n_heads:
             raise ConfigError(f"{k}.d_model={self.d_model} must be divisible by {k}.n_heads={self.n_heads}")
         if not 0 <= self.dropout < 1:

@@ -1,0 +1,450 @@
+"""Prove a recipe exact: `python -m disttrain.check recipe=<name or module> [key=value ...]`.
+
+The recipe trains a few steps on CPU with several gloo processes (2 and 4 by default), with
+accumulation, a shorter last window and a window shorter than the number of processes, and is
+compared with one process that takes each global batch as a single micro-batch, in float64 where
+its models allow. One verdict line per check; the exit status is 0 only when all pass.
+
+Options (before or among the key=value arguments):
+  --worlds 2,4       process counts to check
+  --float32          keep the recipe's own precision (looser tolerance); DeepSpeed always does
+
+Any run key may be given (`deepspeed_config=configs/deepspeed/zero2.json` checks the DeepSpeed
+engine). Use a scaled-down configuration of your model: the check is about the recipe's losses,
+counts and phases, not its size.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+GLOBAL_BATCH = 24  # divisible by 1, 2 and 4 processes x 3 micro-batches
+ACCUMULATION = 3
+# Data sizes whose second epoch starts with a shorter window: 13 samples (shorter than the global
+# batch), 3 samples (fewer than 4 processes: a process runs a stand-in with weight 0).
+CASES = {"shorter last window": (2 * GLOBAL_BATCH + 13, 3), "window shorter than the processes": (GLOBAL_BATCH + 3, 2)}
+
+
+@dataclass
+class Verdict:
+    status: str  # PASS, FAIL or WARN
+    check: str
+    detail: str = ""
+    fix: str = ""
+
+
+@dataclass
+class Run:
+    """What one process count produced: gradients at every boundary, final weights, or the error."""
+
+    grads: list[dict[str, Any]] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+
+
+# --------------------------------------------------------------------------- inside each process
+
+
+def _float64(value: Any) -> Any:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.double() if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return {k: _float64(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_float64(v) for v in value)
+    return value
+
+
+def _to_float64(recipe: Any) -> None:
+    """Every module the recipe holds (its models, an EMA copy) in float64; batches follow in `_phases`."""
+    from torch import nn
+
+    for value in vars(recipe).values():
+        modules = value.values() if isinstance(value, dict) else [value]
+        for module in modules:
+            if isinstance(module, nn.Module):
+                module.double()
+
+
+def _phases(trainer: Any, step: int, float64: bool) -> list[Any]:
+    phases = trainer.recipe.phases(step)
+    if float64:
+        for phase in phases:
+            phase.make_batch = lambda plan, make=phase.make_batch: _float64(make(plan))
+    return phases
+
+
+def _grads(recipe: Any) -> dict[str, Any]:
+    return {
+        f"{name}.{p_name}": p.grad.detach().double().clone()
+        for name, model in recipe.models.items()
+        for p_name, p in model.named_parameters()
+        if p.grad is not None
+    }
+
+
+def _params(recipe: Any, trainer: Any) -> dict[str, Any]:
+    out = {}
+    for name, model in recipe.exported_models().items():
+        with trainer.engine.full_weights(model):
+            out.update({f"{name}.{k}": v.detach().double().clone() for k, v in model.state_dict().items()})
+    return out
+
+
+def train_cases(argv: list[str], micro_batch_size: int, output_dir: str, float64: bool) -> dict:
+    """Every case on this process: gradients after each phase's window, weights after the last step."""
+    from accelerate.utils import set_seed
+
+    from disttrain.config import world_size_from_env
+    from disttrain.data.windows import WindowSampler
+    from disttrain.preflight import resolve_config
+    from disttrain.recipe import build_recipe
+    from disttrain.trainer import Trainer
+
+    results = {}
+    for case, (samples, case_steps) in CASES.items():
+        run = Run()
+        results[case] = run
+        args = [
+            *argv,
+            f"steps={case_steps}",
+            f"global_batch_size={GLOBAL_BATCH}",
+            f"micro_batch_size={micro_batch_size}",
+            f"output_dir={output_dir}",
+            f"run_name={case.replace(' ', '-')}-w{world_size_from_env()}",
+            "progress_bar=false",
+            "tracker=none",
+            "checkpoint_every=0",
+            "resume=never",
+            "collective_timeout_s=60",  # a process that failed ends the others' wait soon
+        ]
+        cfg = resolve_config(args)
+        set_seed(cfg.seed)
+        recipe = build_recipe(cfg)
+        if float64:
+            _to_float64(recipe)
+        trainer = Trainer(cfg, recipe)
+        # The same data for every process count: a dataset of `samples`, so that the case's window
+        # shapes come at its last step.
+        trainer.sampler = WindowSampler(min(samples, recipe.num_train), GLOBAL_BATCH, micro_batch_size, cfg.seed)
+        try:
+            for step in range(case_steps):
+                for phase in _phases(trainer, step, float64):
+                    trainer.backward_window(phase)
+                    run.grads.append(_grads(recipe))
+                    trainer.optimizer_step(phase)
+            run.params = _params(recipe, trainer)
+        except Exception as e:  # the recipe's own error: reported, and the other cases left out
+            run.error = f"{type(e).__name__}: " + str(e).strip().splitlines()[0].split(". ")[0]
+            break
+    return results
+
+
+def inspect_recipe(argv: list[str], output_dir: str, float64: bool) -> list[Verdict]:
+    """The checks that need one process: same sample per index, counts and losses that add up,
+    a gradient for every trainable parameter, BatchNorm."""
+    from accelerate.utils import set_seed
+    from torch import nn
+
+    from disttrain.data.windows import MicroBatchPlan
+    from disttrain.preflight import resolve_config
+    from disttrain.recipe import build_recipe
+
+    cfg = resolve_config([*argv, f"output_dir={output_dir}", "tracker=none"], world_size=1)
+    set_seed(cfg.seed)
+    recipe = build_recipe(cfg)
+    if float64:
+        _to_float64(recipe)
+    verdicts = []
+    indices = list(range(min(8, recipe.num_train)))
+    first, again = recipe.train_batch(indices), recipe.train_batch(indices)
+    if _same(first, again):
+        verdicts.append(Verdict("PASS", "dataset: the same index gives the same sample"))
+    else:
+        verdicts.append(
+            Verdict(
+                "FAIL",
+                "dataset: the same index gives the same sample",
+                "train_batch() returned other data for the same indices on a second call",
+                "derive any randomness of a sample from (seed, epoch, index), never from a global generator: "
+                "processes and resumed runs must see the same data",
+            )
+        )
+    if verdicts[-1].status == "FAIL":
+        return verdicts  # the checks below compare batches built twice: they need the same data
+    half = len(indices) // 2
+    plans = [MicroBatchPlan(indices), MicroBatchPlan(indices[:half]), MicroBatchPlan(indices[half:], half)]
+    for model in recipe.models.values():
+        model.eval()  # dropout off: a loss over a batch must equal the sum over its halves
+    for phase in recipe.phases(0):
+        batches = [_float64(phase.make_batch(p)) if float64 else phase.make_batch(p) for p in plans]
+        counts = [phase.item_counts(b) for b in batches]
+        losses = [dict((t, float(loss.detach())) for t, loss in phase.losses(recipe.models, b)) for b in batches]
+        for term in phase.terms:
+            whole, parts = float(counts[0][term]), float(counts[1][term]) + float(counts[2][term])
+            if whole != parts:
+                verdicts.append(
+                    Verdict(
+                        "FAIL",
+                        f"item count of '{term}' ({phase.name})",
+                        f"item_counts() gives {whole:g} for a batch and {parts:g} for its two halves together",
+                        "count the items the loss sums over (valid tokens, not padded positions or a fixed number)",
+                    )
+                )
+            loss_whole, loss_parts = losses[0][term], losses[1][term] + losses[2][term]
+            if not math.isclose(loss_whole, loss_parts, rel_tol=1e-6 if float64 else 1e-3, abs_tol=1e-9):
+                verdicts.append(
+                    Verdict(
+                        "FAIL",
+                        f"loss '{term}' ({phase.name}) is a sum over items",
+                        f"the loss of a batch is {loss_whole:.6g}, of its two halves together {loss_parts:.6g}",
+                        "losses() must return the sum over items (reduction='sum'), not a mean: the core divides "
+                        "by the items of the whole window on all processes",
+                    )
+                )
+    if not any(v.status == "FAIL" and v.check.startswith(("item count", "loss")) for v in verdicts):
+        verdicts.append(Verdict("PASS", "item counts and losses add up over a split batch (sums, not means)"))
+    for model in recipe.models.values():
+        model.train()
+    unused = []
+    for phase in recipe.phases(0):
+        batch = phase.make_batch(MicroBatchPlan(indices))
+        batch = _float64(batch) if float64 else batch
+        trained = [p for name in phase.models for p in recipe.models[name].parameters()]
+        for p in trained:
+            p.grad = None
+        for _, loss in phase.losses(recipe.models, batch):
+            loss.backward()
+        unused += [
+            f"{name}.{p_name}"
+            for name in phase.models
+            for p_name, p in recipe.models[name].named_parameters()
+            if p.requires_grad and p.grad is None
+        ]
+        for p in trained:
+            p.grad = None
+    if not unused:
+        verdicts.append(Verdict("PASS", "every trainable parameter gets a gradient"))
+    elif recipe.find_unused_parameters:
+        verdicts.append(
+            Verdict("WARN", "every trainable parameter gets a gradient", f"none reaches {', '.join(unused[:4])}")
+        )
+    else:
+        verdicts.append(
+            Verdict(
+                "FAIL",
+                "every trainable parameter gets a gradient",
+                f"no gradient reaches {', '.join(unused[:4])}{' ...' if len(unused) > 4 else ''}",
+                "set `find_unused_parameters = True` in the recipe (DDP must look for them), or freeze or "
+                "remove those parameters",
+            )
+        )
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for model in recipe.models.values() for m in model.modules()):
+        verdicts.append(
+            Verdict(
+                "WARN",
+                "BatchNorm",
+                "its statistics come from each micro-batch, so with accumulation or several processes the update "
+                "cannot equal the whole-batch one",
+                "GroupNorm or LayerNorm, sync_batchnorm=true on GPUs, or no accumulation; the comparisons "
+                "with several processes are left out",
+            )
+        )
+    return verdicts
+
+
+def _same(a: Any, b: Any) -> bool:
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(_same, a, b))
+    return a == b
+
+
+def one_process(argv: list[str], output_dir: str, float64: bool) -> tuple[list[Verdict], dict[str, Run]]:
+    """The one-process checks and the reference runs, in one spawned process."""
+    return inspect_recipe(argv, output_dir, float64), train_cases(argv, GLOBAL_BATCH, output_dir, float64)
+
+
+# --------------------------------------------------------------------------- comparing
+
+
+def compare(world: int, case: str, run: Run, reference: Run, rtol: float, counts_wrong: bool) -> Verdict:
+    """One process count's case against the reference: every boundary's gradients, the final weights."""
+    import torch
+
+    what = f"{world} processes, {case}"
+    if run.error:
+        return Verdict("FAIL", what, run.error, _cause_of(run.error))
+    if len(run.grads) != len(reference.grads):
+        return Verdict("FAIL", what, f"{len(run.grads)} boundaries, the reference has {len(reference.grads)}")
+    if not any(run.grads) and not any(reference.grads):
+        # DeepSpeed's ZeRO keeps gradients in its own partitions: the weights after every update
+        # are what can be compared.
+        run, reference = Run(params=run.params), Run(params=reference.params)
+    worst = (0.0, "")
+    for i, (got, expected) in enumerate(zip(run.grads, reference.grads, strict=True)):
+        if got.keys() != expected.keys():
+            missing = sorted(expected.keys() ^ got.keys())[:3]
+            return Verdict("FAIL", what, f"boundary {i}: parameters with a gradient differ ({', '.join(missing)})")
+        for name, value in expected.items():
+            error = float((got[name] - value).abs().max()) / max(float(value.abs().max()), 1e-12)
+            if error > worst[0]:
+                worst = (error, f"boundary {i}, {name}")
+    for name, value in reference.params.items():
+        error = float((run.params[name] - value).abs().max()) / max(float(value.abs().max()), 1e-12)
+        if error > worst[0]:
+            worst = (error, f"final weights, {name}")
+    if worst[0] <= rtol:
+        compared = f"gradients at {len(run.grads)} boundaries and the final weights" if run.grads else "final weights"
+        return Verdict("PASS", what, f"{compared} equal the reference (worst relative difference {worst[0]:.1e})")
+    if not run.grads:
+        return Verdict("FAIL", what, f"worst relative difference {worst[0]:.1e} at {worst[1]}")
+    # A constant factor between the first window's gradients names the usual mistakes.
+    got = torch.cat([g.flatten() for g in run.grads[0].values()])
+    expected = torch.cat([g.flatten() for g in reference.grads[0].values()])
+    factor = float(got @ expected / (expected @ expected).clamp(min=1e-300))
+    residual = float((got - factor * expected).norm() / got.norm().clamp(min=1e-300))
+    detail = f"worst relative difference {worst[0]:.1e} at {worst[1]}"
+    if residual < 1e-6 and abs(factor - 1) > 1e-6:
+        micro = GLOBAL_BATCH // (world * ACCUMULATION)
+        named = {
+            ACCUMULATION: "the accumulation count",
+            world * ACCUMULATION: "the micro-batches of a window",
+            micro: "the micro-batch size",
+            world: "the world size",
+        }
+        for value, meaning in named.items():
+            for shown, ratio in ((f"{value}", value), (f"1/{value}", 1 / value)):
+                if math.isclose(factor, ratio, rel_tol=1e-6):
+                    detail = f"the gradients are {shown} x the reference's ({meaning}); {detail}"
+                    if value == world and value not in (ACCUMULATION, micro, world * ACCUMULATION):
+                        return Verdict(
+                            "FAIL",
+                            what,
+                            detail,
+                            "the world-size cancellation is defeated: do not divide "
+                            "or multiply the loss by the number of processes in the recipe",
+                        )
+                    if counts_wrong:
+                        return Verdict("FAIL", what, detail, "item_counts() does not count what the loss sums over")
+                    return Verdict(
+                        "FAIL",
+                        what,
+                        detail,
+                        "losses() returns a mean, not a sum: return the sum over "
+                        "items (reduction='sum') and let item_counts() say how many",
+                    )
+        detail = f"the gradients are {factor:.4g} x the reference's; {detail}"
+    return Verdict(
+        "FAIL", what, detail, "the loss of a micro-batch depends on how the batch is split: see the checks above"
+    )
+
+
+def _cause_of(error: str) -> str:
+    if "left gradients in" in error:
+        return "freeze the model a phase does not train (Phase.frozen), or detach what it passes on"
+    if "Expected to have finished reduction" in error or "did not receive grad" in error:
+        return "some parameters get no gradient: set `find_unused_parameters = True` in the recipe"
+    return "see the error"
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def parse(argv: list[str]) -> tuple[list[str], list[int], bool]:
+    worlds, float64, rest = [2, 4], True, []
+    items = iter(argv)
+    for arg in items:
+        if arg == "--worlds":
+            worlds = [int(w) for w in next(items).split(",")]
+        elif arg == "--float32":
+            float64 = False
+        else:
+            rest.append(arg)
+    for world in worlds:
+        if world < 1 or GLOBAL_BATCH % (world * ACCUMULATION):
+            raise SystemExit(f"--worlds: {world} processes do not divide a global batch of {GLOBAL_BATCH} by 3")
+    return rest, worlds, float64
+
+
+def run_check(argv: list[str]) -> tuple[list[Verdict], str]:
+    """Every verdict, and the header that says what was run."""
+    from disttrain.preflight import resolve_config
+    from disttrain.spawn import run_distributed
+
+    args, worlds, float64 = parse(argv)
+    cfg = resolve_config([*args, "tracker=none"], world_size=1)  # a bad key: one line, before any process
+    float64 = float64 and not cfg.deepspeed_config
+    rtol = 1e-7 if float64 else 1e-4
+    header = [
+        f"disttrain.check: recipe={cfg.recipe}, engine {'DeepSpeed' if cfg.deepspeed_config else 'DDP'}, "
+        f"{'float64' if float64 else 'the recipe precision'} (tolerance {rtol:g} relative)",
+        f"  reference: 1 process, each global batch of {GLOBAL_BATCH} as one micro-batch",
+        "  checked:   "
+        + "; ".join(
+            f"{w} processes x {ACCUMULATION} micro-batches of {GLOBAL_BATCH // (w * ACCUMULATION)}" for w in worlds
+        ),
+        "  windows:   full, "
+        + ", ".join(f"{case} ({samples % GLOBAL_BATCH} samples)" for case, (samples, _) in CASES.items()),
+    ]
+    with tempfile.TemporaryDirectory(prefix="disttrain-check-") as out:
+        verdicts, reference = run_distributed(one_process, 1, args, out, float64)[0]
+        for case, run in reference.items():
+            if run.error:
+                verdicts.append(Verdict("FAIL", f"the reference (1 process), {case}", run.error, _cause_of(run.error)))
+        counts_wrong = any(v.status == "FAIL" and v.check.startswith("item count") for v in verdicts)
+        if any(v.check == "BatchNorm" for v in verdicts):
+            worlds = []  # its statistics differ by design, and a micro-batch of one sample fails
+        for world in worlds:
+            micro = GLOBAL_BATCH // (world * ACCUMULATION)
+            runs = run_distributed(train_cases, world, args, micro, out, float64)[0]
+            for case, run in runs.items():
+                if reference[case].error:
+                    continue  # the same mistake, already reported
+                verdicts.append(compare(world, case, run, reference[case], rtol, counts_wrong))
+    return verdicts, "\n".join(header)
+
+
+def report(verdicts: list[Verdict], header: str) -> str:
+    lines = [header, ""]
+    for v in verdicts:
+        lines.append(f"  {v.status}  {v.check}" + (f": {v.detail}" if v.detail else ""))
+        if v.fix and v.status != "PASS":
+            lines.append(f"        fix: {v.fix}")
+    failed = [v for v in verdicts if v.status == "FAIL"]
+    lines += ["", f"{len(failed)} of {len(verdicts)} checks failed" if failed else f"all {len(verdicts)} checks passed"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from disttrain.config import ConfigError
+
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
+    try:
+        verdicts, header = run_check(argv)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    print(report(verdicts, header), flush=True)
+    return 1 if any(v.status == "FAIL" for v in verdicts) else 0
+
+
+if __name__ == "__main__":
+    # Through the module, not this __main__: spawned processes import the functions they run by name.
+    from disttrain.check import main as check_main
+
+    sys.exit(check_main())

@@ -1,0 +1,104 @@
+"""broken: a small recipe with one seeded mistake (`broken.bug=...`), for `python -m disttrain.check`.
+
+bug=none is correct. mean: the loss is a mean, not a sum. count: item_counts() gives a fixed number.
+unfrozen: the second model's phase leaves gradients in the first (a GAN that forgets to freeze D).
+random: a sample changes between calls for the same index. unused: a parameter gets no gradient and
+the recipe does not say so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from disttrain.config import Config as RunConfig
+from disttrain.config import OptimizerConfig, one_of, section, setting
+from disttrain.optim import build_group
+from disttrain.recipe import Phase, Recipe
+
+RUN_DEFAULTS = {"steps": 3}
+BUGS = ("none", "mean", "count", "unfrozen", "random", "unused")
+
+
+@dataclass
+class Config:
+    bug: str = setting("none", f"the seeded mistake: {', '.join(BUGS)}")
+    optimizer: OptimizerConfig = section(lambda: OptimizerConfig(name="sgd", lr=0.1, momentum=0.9), "optimizer")
+
+    def validate(self, run: RunConfig) -> None:
+        one_of(f"{run.recipe_section}.bug", self.bug, BUGS)
+
+
+class Critic(nn.Module):
+    def __init__(self, unused: bool):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))
+        self.spare = nn.Linear(3, 1) if unused else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class BrokenRecipe(Recipe):
+    def __init__(self, run: RunConfig):
+        c: Config = run.recipe_config
+        self.bug = c.bug
+        g = torch.Generator().manual_seed(run.seed)
+        self.x = torch.randn(200, 3, generator=g)
+        self.y = torch.sin(self.x.sum(1, keepdim=True))
+        critic, maker = Critic(c.bug == "unused"), nn.Linear(3, 3)
+        groups = [
+            build_group("critic", critic.parameters(), c.optimizer, run.steps),
+            build_group("maker", maker.parameters(), c.optimizer, run.steps),
+        ]
+        super().__init__({"critic": critic, "maker": maker}, groups)
+
+    @property
+    def num_train(self) -> int:
+        return len(self.x)
+
+    def train_batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        x = self.x[indices]
+        if self.bug == "random":
+            x = x + 0.01 * torch.randn(x.shape)
+        return {"x": x, "y": self.y[indices]}
+
+    def phases(self, step: int) -> list[Phase]:
+        def critic_losses(models: dict[str, nn.Module], batch: dict) -> Iterator[tuple[str, torch.Tensor]]:
+            error = (models["critic"](batch["x"]) - batch["y"]).pow(2)
+            yield "fit", error.mean() if self.bug == "mean" else error.sum()
+
+        def maker_losses(models: dict[str, nn.Module], batch: dict) -> Iterator[tuple[str, torch.Tensor]]:
+            # the critic it does not train is called as the plain module, not through its DDP or
+            # DeepSpeed wrapper (as the GAN recipe does)
+            yield "make", self.models["critic"](models["maker"](batch["x"])).pow(2).sum()
+
+        def make_batch(plan):
+            return self.train_batch(plan.indices)
+
+        counts = (lambda batch: {"fit": 4}) if self.bug == "count" else (lambda batch: {"fit": len(batch["x"])})
+        return [
+            Phase("critic", ("critic",), [self.groups[0]], ("fit",), counts, critic_losses, make_batch, step),
+            Phase(
+                "maker",
+                ("maker",),
+                [self.groups[1]],
+                ("make",),
+                lambda batch: {"make": len(batch["x"])},
+                maker_losses,
+                make_batch,
+                step,
+                frozen=() if self.bug == "unfrozen" else (self.models["critic"],),
+            ),
+        ]
+
+    def evaluate(self, models: dict[str, nn.Module], rank: int, world_size: int) -> dict[str, torch.Tensor]:
+        one = torch.ones((), dtype=torch.float64)
+        return {"nothing": torch.stack([one, one])}
+
+
+def build(run: RunConfig) -> BrokenRecipe:
+    return BrokenRecipe(run)

@@ -1,0 +1,115 @@
+"""`python -m disttrain.check`: passes on the built-in recipes and a user's, and names seeded mistakes.
+
+The built-in recipes keep their hand-written references (test_equivalence.py, test_gan.py): a bug
+shared by the check and the accumulation core must not hide. This is an addition.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from disttrain.check import run_check
+from tests.cases import TINY_GAN, TINY_SEQ2SEQ
+from tests.launcher import REPO
+
+pytestmark = pytest.mark.slow
+
+BROKEN = "recipe=tests.fixture_recipes.broken"
+
+
+def verdicts(*args: str) -> dict[str, tuple[str, str, str]]:
+    found, _ = run_check(list(args))
+    return {v.check: (v.status, v.detail, v.fix) for v in found}
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["recipe=classifier", "classifier.hidden=16", "--worlds", "2"],
+        ["recipe=seq2seq", *TINY_SEQ2SEQ, "--worlds", "2"],
+        ["recipe=gan", *TINY_GAN, "gan.d_steps=2", "gan.r1_every=2", "--worlds", "2"],
+        ["recipe=tests.fixture_recipes.regression"],  # outside the package; 2 and 4 processes
+    ],
+)
+def test_the_check_passes_on_correct_recipes(args):
+    found = verdicts(*args)
+    assert all(status == "PASS" for status, _, _ in found.values()), found
+    worlds = (2,) if "--worlds" in args else (2, 4)
+    assert {c for c in found if "processes," in c} == {
+        f"{w} processes, {case}"
+        for w in worlds
+        for case in ("shorter last window", "window shorter than the processes")
+    }
+
+
+def test_the_check_runs_on_deepspeed_and_still_finds_a_mean():
+    zero2 = "deepspeed_config=configs/deepspeed/zero2.json"
+    found = verdicts(BROKEN, zero2, "--worlds", "2")
+    assert all(status == "PASS" for status, _, _ in found.values()), found
+    assert "final weights equal the reference" in found["2 processes, shorter last window"][1]
+    mean = verdicts(BROKEN, zero2, "broken.bug=mean", "--worlds", "2")
+    assert mean["2 processes, shorter last window"][0] == "FAIL"
+
+
+def test_the_command_prints_a_verdict_per_check_and_exits_by_them():
+    ok = subprocess.run(
+        [sys.executable, "-m", "disttrain.check", BROKEN, "--worlds", "2"], cwd=REPO, capture_output=True, text=True
+    )
+    assert ok.returncode == 0 and ok.stdout.rstrip().endswith("all 5 checks passed"), ok.stdout + ok.stderr
+    assert "reference: 1 process, each global batch of 24 as one micro-batch" in ok.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "disttrain.check", BROKEN, "broken.bug=mean", "--worlds", "2"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 1 and "  FAIL  loss 'fit' (critic) is a sum over items" in bad.stdout
+    typo = subprocess.run(
+        [sys.executable, "-m", "disttrain.check", BROKEN, "broken.bgu=mean"], cwd=REPO, capture_output=True, text=True
+    )
+    assert typo.returncode == 2 and "did you mean 'broken.bug'" in typo.stderr
+
+
+def test_a_mean_instead_of_a_sum_is_named():
+    found = verdicts(BROKEN, "broken.bug=mean", "--worlds", "2")
+    assert found["loss 'fit' (critic) is a sum over items"][0] == "FAIL"
+    status, detail, fix = found["2 processes, shorter last window"]
+    assert status == "FAIL" and detail.startswith(
+        "the gradients are 6 x the reference's (the micro-batches of a window)"
+    )
+    assert fix.startswith("losses() returns a mean, not a sum")
+
+
+def test_a_wrong_item_count_is_named():
+    found = verdicts(BROKEN, "broken.bug=count", "--worlds", "2")
+    status, detail, _ = found["item count of 'fit' (critic)"]
+    assert status == "FAIL" and detail == "item_counts() gives 4 for a batch and 8 for its two halves together"
+    assert found["2 processes, shorter last window"][2] == "item_counts() does not count what the loss sums over"
+
+
+def test_a_phase_that_does_not_freeze_the_other_model_is_named():
+    found = verdicts(BROKEN, "broken.bug=unfrozen", "--worlds", "2")
+    status, detail, fix = found["the reference (1 process), shorter last window"]
+    assert status == "FAIL" and "phase 'maker' left gradients in 'critic'" in detail and "Phase.frozen" in fix
+
+
+def test_a_dataset_that_changes_its_samples_is_named():
+    found = verdicts(BROKEN, "broken.bug=random", "--worlds", "2")
+    status, _, fix = found["dataset: the same index gives the same sample"]
+    assert status == "FAIL" and "(seed, epoch, index)" in fix
+
+
+def test_an_unused_parameter_without_find_unused_parameters_is_named():
+    found = verdicts(BROKEN, "broken.bug=unused", "--worlds", "2")
+    status, detail, fix = found["every trainable parameter gets a gradient"]
+    assert status == "FAIL" and "critic.spare.weight" in detail and "find_unused_parameters = True" in fix
+
+
+def test_batchnorm_with_accumulation_is_a_warning_that_names_the_options():
+    found = verdicts("recipe=classifier", "classifier.hidden=16", "classifier.batchnorm=true", "--worlds", "2")
+    status, _, fix = found["BatchNorm"]
+    assert status == "WARN" and "GroupNorm or LayerNorm" in fix
+    assert all(s in ("PASS", "WARN") for s, _, _ in found.values()) and not any("processes" in c for c in found)
