@@ -202,6 +202,7 @@ def test_help_for_a_recipe_shows_its_keys_and_its_run_defaults():
     assert "Other built-in recipes: gan, seq2seq" in out
 
 
+@pytest.mark.slow
 def test_launcher_and_device_refusals_are_one_line_before_any_process_group():
     # Once checked inside the trainer, these escaped as a traceback on every process.
     env = {"WORLD_SIZE": "2", "RANK": "0", "ACCELERATE_MIXED_PRECISION": "bf16"}

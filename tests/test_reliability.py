@@ -101,6 +101,7 @@ def resume_error(args, *more) -> str:
     return str(e.value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("file", ["models/model.safetensors", "optimizers.pt"])
 def test_a_flipped_bit_is_refused_naming_the_file(checkpointed, file):
     args, checkpoints = checkpointed
@@ -110,6 +111,7 @@ def test_a_flipped_bit_is_refused_naming_the_file(checkpointed, file):
     assert f"resume={checkpoints / 'step-00000002'}" in message
 
 
+@pytest.mark.slow
 def test_resume_auto_never_falls_back_silently(checkpointed):
     args, checkpoints = checkpointed
     flip_a_bit(checkpoints / "step-00000004" / "models" / "model.safetensors")

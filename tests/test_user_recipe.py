@@ -21,6 +21,7 @@ from tests.launcher import PYTHON, REPO, accelerate, launch
 USER_RECIPE = "recipe=tests.fixture_recipes.regression"
 
 
+@pytest.mark.slow
 def test_user_recipe_keys_are_checked_and_listed_in_help():
     def train(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -67,6 +68,7 @@ def test_final_loss_does_not_depend_on_log_every(tmp_path):
     assert finals[0] == finals[1]
 
 
+@pytest.mark.slow
 def test_a_copied_builtin_recipe_trains_under_its_new_name(tmp_path):
     """The README's way: copy a recipe folder into your own package; no file of the template changes."""
     recipes = tmp_path / "myproject" / "recipes"

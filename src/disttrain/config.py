@@ -62,7 +62,10 @@ def at_least(key: str, value: float, low: float) -> None:
 class OptimizerConfig:
     """One optimizer with its schedule: a building block for recipe configs."""
 
-    name: str = setting("adamw", f"optimizer class: {', '.join(OPTIMIZERS)}")
+    name: str = setting(
+        "adamw",
+        f"optimizer: {', '.join(OPTIMIZERS)}, or an importable optimizer class (torch.optim.RAdam, mypackage.Lion)",
+    )
     lr: float = setting(1e-3, "peak learning rate, stated for `reference_batch_size`")
     weight_decay: float = setting(0.0, "decoupled weight decay (AdamW) or L2 (SGD)")
     beta1: float = setting(0.9, "AdamW beta1")
@@ -72,10 +75,13 @@ class OptimizerConfig:
     schedule: str = setting("cosine", f"learning-rate schedule after warmup: {', '.join(SCHEDULES)}")
     warmup_steps: int = setting(0, "linear warmup, in optimizer steps")
     min_lr_ratio: float = setting(0.0, "final learning rate as a fraction of the peak (linear, cosine)")
+    kwargs: dict = setting({}, "more keyword arguments for the optimizer class, e.g. kwargs.nesterov=true")
 
     def validate(self, key: str, steps: int) -> None:
-        """Refuse values this optimizer cannot train with; `steps` is how often it steps in the run."""
-        one_of(f"{key}.name", self.name, OPTIMIZERS)
+        """Refuse values this optimizer cannot train with; `steps` is how often it steps in the run.
+        A class by module path is checked in pre-flight (importing it needs torch)."""
+        if "." not in self.name:
+            one_of(f"{key}.name", self.name, OPTIMIZERS)
         one_of(f"{key}.schedule", self.schedule, SCHEDULES)
         if self.lr <= 0:
             raise ConfigError(f"{key}.lr={self.lr} must be > 0")
@@ -306,10 +312,19 @@ def _meant(key: str, known: dict[str, Any]) -> str | None:
     return candidate if candidate in known else None
 
 
+def _free_form(key: str, known: dict[str, Any]) -> bool:
+    """Whether `key` lies under a dict-typed key (an optimizer's kwargs), whose keys are free."""
+    parts = key.split(".")
+    return any(
+        known.get(".".join(parts[:i])) is not None and known[".".join(parts[:i])].type in (dict, "dict")
+        for i in range(1, len(parts))
+    )
+
+
 def _check_known(cls: type, keys: list[str], origin: str) -> None:
     known = schema_keys(cls)
     for key in keys:
-        if key in known:
+        if key in known or _free_form(key, known):
             continue
         if key.rpartition(".")[2] == "gradient_accumulation_steps":
             raise ConfigError(

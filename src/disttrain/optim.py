@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import math
 from collections.abc import Iterable
 
@@ -9,7 +11,7 @@ import torch
 from torch import nn
 
 from disttrain.accumulation import OptimizerGroup
-from disttrain.config import OptimizerConfig
+from disttrain.config import ConfigError, OptimizerConfig
 
 
 def schedule_factor(step: int, total_steps: int, o: OptimizerConfig) -> float:
@@ -21,6 +23,37 @@ def schedule_factor(step: int, total_steps: int, o: OptimizerConfig) -> float:
     progress = min(1.0, (step - o.warmup_steps) / max(1, total_steps - o.warmup_steps))
     shape = 1.0 - progress if o.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
     return o.min_lr_ratio + (1.0 - o.min_lr_ratio) * shape
+
+
+def optimizer_class(path: str) -> type[torch.optim.Optimizer]:
+    """The optimizer class a dotted path names (`torch.optim.RAdam`, `mypackage.Lion`)."""
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def check_optimizer(key: str, o: OptimizerConfig) -> None:
+    """Refuse, before any process group, a class that cannot be imported or built as configured."""
+    if "." not in o.name:
+        return
+    try:
+        cls = optimizer_class(o.name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"{key}.name={o.name}: no such optimizer class ({e})") from e
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise ConfigError(f"{key}.name={o.name} is not a torch.optim.Optimizer subclass")
+    signature = inspect.signature(cls)
+    try:
+        signature.bind([], lr=o.lr, **o.kwargs)
+    except TypeError as e:
+        raise ConfigError(
+            f"{key}.name={o.name} cannot be built with lr and {key}.kwargs={dict(o.kwargs)} ({e}); "
+            f"give the missing arguments as {key}.kwargs.<name>=<value>"
+        ) from e
+    accepts_decay = "weight_decay" in signature.parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()
+    )
+    if o.weight_decay > 0 and not accepts_decay:
+        raise ConfigError(f"{key}.weight_decay={o.weight_decay}: {o.name} takes no weight_decay; set it to 0")
 
 
 def build_group(
@@ -40,11 +73,14 @@ def build_group(
         {"params": no_decay, "weight_decay": 0.0, "name": name},
     ]
     lr = o.lr * lr_multiplier
+    kwargs = dict(o.kwargs)
     if o.name == "adamw":
         optimizer: torch.optim.Optimizer = torch.optim.AdamW(
-            param_groups, lr=lr, betas=(o.beta1, o.beta2), foreach=True
+            param_groups, lr=lr, **{"betas": (o.beta1, o.beta2), "foreach": True, **kwargs}
         )
+    elif o.name == "sgd":
+        optimizer = torch.optim.SGD(param_groups, lr=lr, **{"momentum": o.momentum, "foreach": True, **kwargs})
     else:
-        optimizer = torch.optim.SGD(param_groups, lr=lr, momentum=o.momentum, foreach=True)
+        optimizer = optimizer_class(o.name)(param_groups, lr=lr, **kwargs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule_factor(step, total_steps, o))
     return OptimizerGroup(name, optimizer, scheduler, o.clip_grad_norm)

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from dataclasses import fields, is_dataclass
+from typing import Any
 
 from disttrain.config import (
     Config,
     ConfigError,
+    OptimizerConfig,
     exit_with_config_error,
     help_text,
     load_config,
@@ -31,6 +35,10 @@ def resolve_config(argv: list[str], world_size: int | None = None) -> Config:
     validate_recipe = getattr(cfg.recipe_config, "validate", None)
     if validate_recipe is not None:
         validate_recipe(cfg)
+    from disttrain.optim import check_optimizer  # imports torch: not at the top, --help loads this module
+
+    for key, optimizer in optimizer_configs(cfg.recipe_config, cfg.recipe_section):
+        check_optimizer(key, optimizer)
     check_tracker(cfg)
     check_deepspeed(cfg, world)
     check_launcher_env(cfg)
@@ -49,6 +57,16 @@ def config_or_exit(argv: list[str]) -> Config:
     except ConfigError as e:
         exit_with_config_error(e)
         raise  # not reached: exit_with_config_error exits
+
+
+def optimizer_configs(node: Any, key: str) -> Iterator[tuple[str, OptimizerConfig]]:
+    """Every optimizer section of a recipe's config, with its key."""
+    for f in fields(node):
+        value = getattr(node, f.name)
+        if isinstance(value, OptimizerConfig):
+            yield f"{key}.{f.name}", value
+        elif is_dataclass(value):
+            yield from optimizer_configs(value, f"{key}.{f.name}")
 
 
 def print_to_stdout(text: str) -> None:

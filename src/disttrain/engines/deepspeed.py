@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import inspect
 import os
 import socket
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from disttrain.accumulation import OptimizerGroup, UpdateResult, WindowResult
-from disttrain.config import Config
+from disttrain.config import Config, ConfigError
 from disttrain.deepspeed_config import engine_config, load_user_config
 from disttrain.engines.base import Engine, build_accelerator
 from disttrain.engines.process_group import set_for_one_process
@@ -54,7 +55,7 @@ class DeepSpeedEngine(Engine):
         }
         for name, model in models.items():
             own = owned[name]
-            optimizer = type(own[0].optimizer)([pg for g in own for pg in g.optimizer.param_groups])
+            optimizer = _one_optimizer(name, own)
             schedule = [fn for g in own for fn in g.scheduler.lr_lambdas]
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
             config = engine_config(user, self.cfg, self.world_size, own[0].clip_grad_norm)
@@ -170,6 +171,24 @@ def gathered(module: nn.Module) -> contextlib.AbstractContextManager:
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def _one_optimizer(model: str, groups: list[OptimizerGroup]) -> torch.optim.Optimizer:
+    """The optimizer groups of one model as parameter groups of one optimizer of their class, built
+    with the first one's settings: its `defaults` that the constructor takes (each parameter group
+    keeps its own settings anyway)."""
+    first = groups[0].optimizer
+    param_groups = [pg for g in groups for pg in g.optimizer.param_groups]
+    accepted = inspect.signature(type(first)).parameters
+    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    settings = {k: v for k, v in first.defaults.items() if open_ended or k in accepted}
+    try:
+        return type(first)(param_groups, **settings)
+    except TypeError as e:
+        raise ConfigError(
+            f"DeepSpeed runs one optimizer per model, and {type(first).__name__} for '{model}' cannot be rebuilt "
+            f"from its defaults ({e}); give the class defaults that match its constructor, or use DDP"
+        ) from e
 
 
 def _skip_inference_op_build() -> None:
