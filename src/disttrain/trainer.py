@@ -31,7 +31,7 @@ from disttrain.checkpoint import (
     remove_unpublished,
     save_checkpoint,
 )
-from disttrain.config import Config, ConfigError, exit_with_config_error
+from disttrain.config import Config, ConfigError, exit_with_config_error, is_main_launch_process
 from disttrain.data.windows import WindowSampler
 from disttrain.engines import build_engine
 from disttrain.metrics import Meter, PhaseResult, StepResult
@@ -398,7 +398,7 @@ def run(cfg: Config) -> int:
     """train.py's run: build, fit, release. Returns the exit status (preemption.EXIT_*): a refused
     config, resume or run directory is one line on the main process, not a traceback per process."""
     stop_with_the_launcher()
-    main = os.environ.get("RANK", "0") == "0"
+    main = is_main_launch_process()
     try:
         trainer = Trainer(cfg)
     except ConfigError as e:
