@@ -21,10 +21,17 @@ pytestmark = pytest.mark.slow
 
 SHAPE = ["steps=24", "global_batch_size=16", "micro_batch_size=4", "log_every=3", "progress_bar=false"]
 CASES = {
-    # dropout on: resuming must restore every process's random generator, not only the weights
-    "seq2seq": [*RECIPES["seq2seq_aux"], "seq2seq.dropout=0.2", "seq2seq.num_train=40", "seq2seq.num_eval=8"],
+    # dropout on: resuming must restore every process's random generator, not only the weights;
+    # DataLoader workers loading ahead: the resumed walk must start at the resumed step
+    "seq2seq": [
+        *RECIPES["seq2seq_aux"],
+        "seq2seq.dropout=0.2",
+        "seq2seq.num_train=40",
+        "seq2seq.num_eval=8",
+        "data.num_workers=2",
+    ],
     "classifier": [*RECIPES["classifier"], "classifier.num_train=40"],
-    "gan": ["recipe=gan", *TINY_GAN, "gan.num_train=40", "gan.d_steps=2", "gan.r1_every=2"],
+    "gan": ["recipe=gan", *TINY_GAN, "gan.num_train=40", "gan.d_steps=2", "gan.r1_every=2", "data.num_workers=1"],
     # DeepSpeed clips one norm per engine; its checkpoint holds ZeRO 3's partitions of each process
     "seq2seq-zero3": [*RECIPES["seq2seq"], "seq2seq.num_train=40", "seq2seq.decoder.clip_grad_norm=0.05"],
 }

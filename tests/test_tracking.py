@@ -230,7 +230,7 @@ def test_a_training_run_tracks_every_metric_and_a_stopped_run_resumes_it(tmp_pat
 
     step = [0]
     train_step = first.train_step
-    first.train_step = lambda s: (step.__setitem__(0, s), train_step(s))[1]
+    first.train_step = lambda s, *batches: (step.__setitem__(0, s), train_step(s, *batches))[1]
     first.recipe.losses = stop_at_step_3
     assert first.fit() == {} and first.stop_reason == "SIGUSR1"
     assert os.path.isdir(tmp_path / "run" / "checkpoints" / "step-00000003")

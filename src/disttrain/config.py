@@ -104,6 +104,26 @@ class WandbConfig:
     mode: str = setting("", "online, offline or disabled; empty: WANDB_MODE, else offline when no API key is set")
 
 
+@dataclass
+class DataLoaderConfig:
+    """How the trainer's torch DataLoader loads micro-batches; the window plan does not depend on it."""
+
+    num_workers: int = setting(
+        0, "worker processes loading and collating the next micro-batches while this window computes; 0 loads inline"
+    )
+    prefetch_factor: int = setting(0, "micro-batches each worker loads ahead; 0 picks enough for the next two windows")
+    pin_memory: bool = setting(True, "page-locked batches for faster copies to a GPU (ignored on CPU)")
+
+    def validate(self) -> None:
+        at_least("data.num_workers", self.num_workers, 0)
+        at_least("data.prefetch_factor", self.prefetch_factor, 0)
+        if self.prefetch_factor and not self.num_workers:
+            raise ConfigError(
+                f"data.prefetch_factor={self.prefetch_factor} needs data.num_workers > 0 "
+                "(without workers nothing loads ahead); set data.num_workers"
+            )
+
+
 BUILTIN_RECIPES = "disttrain.recipes"
 DEFAULT_RECIPE = "seq2seq"
 
@@ -150,6 +170,7 @@ class Config:
     collective_timeout_s: int = setting(
         600, "a collective that waits longer (dead or hung process) ends the run with an error"
     )
+    data: DataLoaderConfig = section(DataLoaderConfig, "the DataLoader feeding the micro-batches")
     tracker: str = setting("wandb", f"experiment tracker: {', '.join(TRACKERS)}")
     wandb: WandbConfig = section(WandbConfig, "Weights & Biases run settings")
 
@@ -331,6 +352,11 @@ def _check_known(cls: type, keys: list[str], origin: str) -> None:
                 f"unknown key '{key}' {origin}; accumulation follows from global_batch_size / "
                 "(micro_batch_size x processes): set those two instead"
             )
+        if key.rpartition(".")[2] == "persistent_workers":
+            raise ConfigError(
+                f"unknown key '{key}' {origin}: the DataLoader workers already live for the whole run "
+                "(one pass over the plan spans every epoch); set data.num_workers only"
+            )
         close = _meant(key, known) or next(iter(difflib.get_close_matches(key, known, n=1, cutoff=0.6)), None)
         hint = f"; did you mean '{close}'?" if close else "; see `python train.py --help` for the keys"
         prefix = key.split(".", 1)[0]
@@ -461,6 +487,7 @@ def validate(cfg: Config, world_size: int) -> None:
         raise ConfigError(f"resume={cfg.resume}: no such checkpoint directory; use auto, never or a checkpoint path")
     one_of("on_nonfinite", cfg.on_nonfinite, NONFINITE_ACTIONS)
     at_least("collective_timeout_s", cfg.collective_timeout_s, 1)
+    cfg.data.validate()
     one_of("tracker", cfg.tracker, TRACKERS)
     if cfg.wandb.mode:
         one_of("wandb.mode", cfg.wandb.mode, ("online", "offline", "disabled"))

@@ -31,6 +31,7 @@ class PhaseResult:
 class StepResult:
     phases: list[PhaseResult]
     samples: int  # global samples through the models in this step (fewer in the last window of an epoch)
+    data_wait_s: float = 0.0  # this process's time blocked waiting for the step's micro-batches
     halted: bool = False  # a non-finite gradient stopped the step (on_nonfinite=stop)
     untouched: bool = True  # no phase of the step had updated a model before it halted
 
@@ -49,12 +50,19 @@ class Meter:
     `reduce_sum` sums a tensor over processes (the loss sums are local, the counts already global).
     """
 
-    def __init__(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor]):
-        self.reduce_sum = reduce_sum
+    def __init__(
+        self,
+        reduce_sum: Callable[[torch.Tensor], torch.Tensor],
+        world_size: int = 1,
+        device: torch.device | str = "cpu",
+    ):
+        self.reduce_sum, self.world_size, self.device = reduce_sum, world_size, device
         self.interval: Pairs = {}
         self.recent: deque[Pairs] = deque(maxlen=FINAL_STEPS)
         self.samples = self.steps = 0
+        self.data_wait = 0.0  # this process's seconds blocked on data in the interval
         self.started = time.perf_counter()
+        self.run_data_wait = 0.0  # this process's seconds blocked on data in the whole run
 
     def add(self, result: StepResult) -> None:
         pairs: Pairs = {}
@@ -64,6 +72,8 @@ class Meter:
         _add(self.interval, pairs)
         self.recent.append(pairs)
         self.samples += result.samples
+        self.data_wait += result.data_wait_s
+        self.run_data_wait += result.data_wait_s
         self.steps += 1
 
     def report(self, groups: Sequence[OptimizerGroup], last: StepResult) -> dict[str, float]:
@@ -75,12 +85,20 @@ class Meter:
         if tokens:
             report["tokens_per_s"] = tokens / elapsed
         report["step_time_s"] = elapsed / self.steps
+        # The mean over processes: each waits on its own workers, and all wait for the slowest at the
+        # window's first collective, so a high share anywhere idles every device.
+        wait = (
+            float(self.reduce_sum(torch.tensor([self.data_wait], dtype=torch.float64, device=self.device))[0])
+            / self.world_size
+        )
+        report["data_wait_s"] = wait / self.steps
+        report["data_wait_share"] = wait / elapsed
         for g in groups:
             for group, lr in zip(g.optimizer.param_groups, g.scheduler.get_last_lr(), strict=True):
                 report.setdefault(f"lr/{group.get('name', g.name)}", lr)
         for r in last.phases:
             report.update({f"grad_norm/{k}": float(v) for k, v in r.update.grad_norms.items()})
-        self.interval, self.samples, self.steps = {}, 0, 0
+        self.interval, self.samples, self.steps, self.data_wait = {}, 0, 0, 0.0
         self.started = time.perf_counter()
         return report
 

@@ -16,9 +16,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset, IterableDataset, default_collate
 
 from disttrain.accumulation import ItemCounts, OptimizerGroup
-from disttrain.config import Config, recipe_module
+from disttrain.config import Config, ConfigError, recipe_module
+from disttrain.data.samples import load_samples
 from disttrain.data.windows import MicroBatchPlan
 
 LossStream = Callable[[dict[str, nn.Module], Any], Iterator[tuple[str, torch.Tensor]]]
@@ -62,14 +64,47 @@ class Recipe(ABC):
             contextlib.nullcontext()
         )
 
+    # Training data comes one of two ways. Usually a map-style `torch.utils.data.Dataset` (a Hugging
+    # Face `datasets.Dataset` is one) in `train_dataset`, whose samples `collate` joins into a
+    # micro-batch; each sample is loaded under its own seed (disttrain.data.samples). Or, for data
+    # already in memory as tensors, `train_batch(indices)` slicing them at once. Either runs in the
+    # trainer's DataLoader workers (num_workers), so it must not touch the models.
+
+    #: the training samples, or None where `train_batch` is overridden
+    train_dataset: Dataset | None = None
+    seed: int = 0  # set by the trainer to the run's seed: keys per-sample randomness
+
     @property
-    @abstractmethod
     def num_train(self) -> int:
         """Number of training samples; the sampler draws indices below it."""
+        if self.train_dataset is None:
+            raise NotImplementedError(f"{type(self).__name__} sets no train_dataset: define num_train")
+        return len(self.train_dataset)
 
-    @abstractmethod
+    def collate(self, samples: list[Any]) -> Any:
+        """Join the samples of one micro-batch (PyTorch's default stacks tensors, numbers and dicts)."""
+        return default_collate(samples)
+
     def train_batch(self, indices: list[int]) -> Any:
         """Collate the training samples at `indices` into one micro-batch (on the CPU)."""
+        raise NotImplementedError(f"{type(self).__name__} sets neither train_dataset nor train_batch")
+
+    def load_batch(self, plan: MicroBatchPlan) -> Any:
+        """The micro-batch of `plan`: from `train_dataset` if there is one, else `train_batch`."""
+        if self.train_dataset is None:
+            return self.train_batch(plan.indices)
+        return self.collate(load_samples(self.train_dataset, plan.indices, self.seed, plan.epoch))
+
+    def check_data(self) -> None:
+        """Refuse data the window plan cannot index (called by the trainer before training)."""
+        if isinstance(self.train_dataset, IterableDataset):
+            raise ConfigError(
+                f"{type(self).__name__}.train_dataset is an IterableDataset: the exact update needs the samples "
+                "of every window known by index (so that any world size and worker count, and a resume, see the "
+                "same ones). Give a map-style Dataset (__getitem__ and __len__; a memory-mapped file keeps a "
+                "large one lazy) or a datasets.Dataset instead of an IterableDataset"
+            )
+        self.num_train  # noqa: B018  (raises when neither way of giving data is defined)
 
     # A single-phase recipe implements `item_counts` and `losses`; one with several phases (the GAN)
     # overrides `phases` instead and gives each phase its own.
@@ -99,7 +134,7 @@ class Recipe(ABC):
                 terms=self.terms,
                 item_counts=self.item_counts,
                 losses=self.losses,
-                make_batch=lambda plan: self.train_batch(plan.indices),
+                make_batch=self.load_batch,
                 data_step=step,
             )
         ]

@@ -37,6 +37,7 @@ def final_line(
     quality: str,
     overflow_steps: int,
     nonfinite_steps: int,
+    data_wait_share: float,
     where: str,
 ) -> str:
     last = min(steps_run, FINAL_STEPS)
@@ -45,6 +46,7 @@ def final_line(
         + (f" after resuming at step {resumed_at}" if resumed_at is not None else "")
         + (f", final {format_losses(losses)} (mean over all items of the last {last} steps)" if losses else "")
         + f", {quality}"
+        + f", {data_wait_share:.1%} of the time waiting for data"
         + (f", {overflow_steps} steps skipped on fp16 overflow" if overflow_steps else "")
         + (f", {nonfinite_steps} updates skipped on non-finite gradients" if nonfinite_steps else "")
         + f"; {where}"

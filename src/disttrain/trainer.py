@@ -32,6 +32,7 @@ from disttrain.checkpoint import (
     save_checkpoint,
 )
 from disttrain.config import Config, ConfigError, exit_with_config_error, is_main_launch_process
+from disttrain.data.loader import Loaded, plan_loader
 from disttrain.data.windows import WindowSampler
 from disttrain.engines import build_engine
 from disttrain.metrics import Meter, PhaseResult, StepResult
@@ -77,6 +78,8 @@ class Trainer:
         self.progress: tqdm | None = None  # the main process's progress bar, while fit() runs
         set_seed(cfg.seed)  # identical initialisation on every process
         self.recipe = recipe or build_recipe(cfg)
+        self.recipe.seed = cfg.seed
+        self.recipe.check_data()
         self.engine = build_engine(cfg, self.recipe.find_unused_parameters)
         self.rank, self.world_size = self.engine.rank, self.engine.world_size
         self.accumulation = cfg.accumulation_steps(self.world_size)
@@ -115,23 +118,40 @@ class Trainer:
 
     # ------------------------------------------------------------------ one optimizer step
 
-    def train_step(self, step: int) -> StepResult:
-        results, samples = [], 0
+    def train_step(self, step: int, batches: Iterator[Loaded] | None = None) -> StepResult:
+        """One optimizer step; its micro-batches come from `batches` (the run's DataLoader), in plan
+        order, or are loaded here when none is given."""
+        results, samples, waited = [], 0, 0.0
         for i, phase in enumerate(self.recipe.phases(step)):
-            window = self.backward_window(phase)
+            plans = self.sampler.window(phase.data_step, self.rank, self.world_size)
+            if batches is None:
+                loaded = [phase.make_batch(p) for p in plans]
+            else:
+                started = time.perf_counter()
+                loaded = [self._next_batch(batches, step, i) for _ in plans]
+                waited += time.perf_counter() - started
+            micro_batches = [MicroBatch(b, p.stand_in) for b, p in zip(loaded, plans, strict=True)]
+            window = self.backward_window(phase, micro_batches)
             update = self.optimizer_step(phase, window)
             results.append(PhaseResult(phase.name, phase.terms, window, update))
             samples += len(self.sampler.global_batch(phase.data_step))
             if update.nonfinite and self.cfg.on_nonfinite == "stop":
-                return StepResult(results, samples, halted=True, untouched=i == 0)
-        return StepResult(results, samples)
+                return StepResult(results, samples, waited, halted=True, untouched=i == 0)
+        return StepResult(results, samples, waited)
 
-    def backward_window(self, phase: Phase) -> WindowResult:
+    @staticmethod
+    def _next_batch(batches: Iterator[Loaded], step: int, phase: int) -> object:
+        loaded = next(batches)
+        if (loaded.request.step, loaded.request.phase) != (step, phase):  # the walk and the loop disagree
+            raise RuntimeError(f"step {step} phase {phase} got the micro-batch planned for {loaded.request}")
+        return loaded.batch
+
+    def backward_window(self, phase: Phase, micro_batches: list[MicroBatch] | None = None) -> WindowResult:
         """Forward and backward this process's micro-batches of `phase`; its gradients are then exact."""
-        micro_batches = [
-            MicroBatch(send_to_device(phase.make_batch(p), self.engine.device), p.stand_in)
-            for p in self.sampler.window(phase.data_step, self.rank, self.world_size)
-        ]
+        if micro_batches is None:
+            plans = self.sampler.window(phase.data_step, self.rank, self.world_size)
+            micro_batches = [MicroBatch(phase.make_batch(p), p.stand_in) for p in plans]
+        micro_batches = [MicroBatch(send_to_device(mb.batch, self.engine.device), mb.stand_in) for mb in micro_batches]
         with frozen(phase.frozen), self.engine.precision():
             window = accumulate_window(
                 self.engine,
@@ -176,15 +196,16 @@ class Trainer:
             disable=not (self.engine.is_main_process and cfg.progress_bar),
             dynamic_ncols=True,
         )
-        meter, start = Meter(self.engine.reduce_sum), time.perf_counter()
+        meter, start = Meter(self.engine.reduce_sum, self.world_size, self.engine.device), time.perf_counter()
         with (
             stop_signals_caught(self._stop_requested),
             self._collective_failures_explained(),
             self._tracking_closed(),
             self.progress,
+            self._micro_batches() as batches,
         ):
             for step in range(self.start_step, cfg.steps):
-                result = self.train_step(step)
+                result = self.train_step(step, batches)
                 if result.halted:
                     self._halt_on_nonfinite(step, result)
                 done = self.step = step + 1
@@ -209,6 +230,7 @@ class Trainer:
             metrics = self.evaluate(step=cfg.steps)
             weights = self.save_weights() if cfg.save_weights else []
             losses = meter.final_losses()
+            data_wait_share = meter.run_data_wait / max(train_time, 1e-9)
             if self.engine.is_main_process:
                 write_status(self.run_dir, "finished", cfg.steps)
         self.say(
@@ -220,10 +242,37 @@ class Trainer:
                 self.recipe.summary(metrics),
                 self.overflow_steps,
                 self.nonfinite_steps,
+                data_wait_share,
                 f"weights in {', '.join(weights)}" if weights else f"run directory {self.run_dir}",
             )
         )
         return metrics
+
+    @contextlib.contextmanager
+    def _micro_batches(self) -> Iterator[Iterator[Loaded]]:
+        """The run's micro-batches from here to the last step, loaded ahead by the DataLoader's workers;
+        the workers end with the block."""
+        data = self.cfg.data
+        loader = plan_loader(
+            self.recipe.phases,
+            self.sampler,
+            self.start_step,
+            self.cfg.steps,
+            self.rank,
+            self.world_size,
+            data.num_workers,
+            data.prefetch_factor,
+            data.pin_memory,
+            self.accumulation * len(self.recipe.phases(self.start_step)),
+        )
+        batches = iter(loader)
+        try:
+            yield batches
+        finally:
+            # The workers end now, not whenever the iterator is collected (fit's frame may outlive it).
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
 
     def say(self, line: str) -> None:
         """One line from the whole run, on the global main process (Accelerate's print is per node),

@@ -20,6 +20,7 @@ class MicroBatchPlan:
     # A process with nothing to do in a micro-step still has to run forward and backward, or the
     # collective at the boundary would wait for it forever: it reruns a real sample with weight 0.
     stand_in: bool = False
+    epoch: int = 0  # the pass over the data set this window belongs to (keys per-sample randomness)
 
 
 class WindowSampler:
@@ -47,10 +48,13 @@ class WindowSampler:
 
     def window(self, step: int, rank: int, world_size: int) -> list[MicroBatchPlan]:
         """This process's micro-batches for step `step`. Every process gets the same count."""
-        return split_window(self.global_batch(step), rank, world_size, self.micro_batch_size)
+        epoch = step // self.steps_per_epoch
+        return split_window(self.global_batch(step), rank, world_size, self.micro_batch_size, epoch)
 
 
-def split_window(indices: list[int], rank: int, world_size: int, micro_batch_size: int) -> list[MicroBatchPlan]:
+def split_window(
+    indices: list[int], rank: int, world_size: int, micro_batch_size: int, epoch: int = 0
+) -> list[MicroBatchPlan]:
     """Cut one global batch into micro-step-major slots and return those of `rank`.
 
     A full window fills every slot with exactly `micro_batch_size` samples. A shorter one uses as few
@@ -65,7 +69,7 @@ def split_window(indices: list[int], rank: int, world_size: int, micro_batch_siz
         start = slot * base + min(slot, extra)
         size = base + (slot < extra)
         if size:
-            plans.append(MicroBatchPlan(indices[start : start + size], start))
+            plans.append(MicroBatchPlan(indices[start : start + size], start, epoch=epoch))
         else:
-            plans.append(MicroBatchPlan(indices[:1], 0, stand_in=True))
+            plans.append(MicroBatchPlan(indices[:1], 0, stand_in=True, epoch=epoch))
     return plans
