@@ -31,13 +31,12 @@ from typing import Any
 
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import load_file
 from torch import nn
 
 from disttrain.config import Config, flat_items, to_yaml
 from disttrain.engines.base import Engine
 from disttrain.safe_files import CheckpointError, file_sha256, safe_load, save_torch
-from disttrain.weights import write_weights
+from disttrain.weights import read_weights, shared_names, write_weights
 
 MANIFEST = "manifest.json"
 _NAME = re.compile(r"^step-(\d{8})$")
@@ -184,7 +183,7 @@ def _space_refusal(run_dir: str, final: str, models: dict[str, nn.Module]) -> st
     if found:
         needed = sum(os.path.getsize(p) for p in _files(found[-1]))
     else:
-        needed = 3 * sum(t.numel() * t.element_size() for m in models.values() for t in m.state_dict().values())
+        needed = 3 * sum(_weight_bytes(m.state_dict()) for m in models.values())
     free = shutil.disk_usage(checkpoints_dir(run_dir)).free
     if needed <= free:
         return ""
@@ -193,6 +192,11 @@ def _space_refusal(run_dir: str, final: str, models: dict[str, nn.Module]) -> st
         f"{checkpoints_dir(run_dir)} has {free / 2**20:.1f} MiB free; free space there or lower keep_checkpoints "
         "(a run needs room for keep_checkpoints + 1 checkpoints and the final weights)"
     )
+
+
+def _weight_bytes(state: dict[str, torch.Tensor]) -> int:
+    aliases = shared_names(state)  # a tied tensor is stored once
+    return sum(t.numel() * t.element_size() for k, t in state.items() if k not in aliases)
 
 
 def _files(root: str) -> Iterator[str]:
@@ -358,20 +362,40 @@ def load_checkpoint(path: str, engine: Engine, models: dict[str, nn.Module], cfg
 
 
 def _load_weights(module: torch.nn.Module, file: str, path: str) -> None:
+    rel = os.path.relpath(file, path)
     try:
-        state = load_file(file)
+        state = read_weights(file)
     except Exception as e:
-        raise CheckpointError(f"checkpoint {path}: {os.path.relpath(file, path)} is unreadable ({e})") from e
-    missing, unexpected = module.state_dict().keys() - state.keys(), state.keys() - module.state_dict().keys()
+        raise CheckpointError(f"checkpoint {path}: {rel} is unreadable ({e})") from e
+    own = module.state_dict(keep_vars=True)
+    missing, unexpected = own.keys() - state.keys(), state.keys() - own.keys()
     if missing or unexpected:
         raise CheckpointError(
-            f"checkpoint {path}: {os.path.relpath(file, path)} does not fit the model "
+            f"checkpoint {path}: {rel} does not fit the model "
             f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
         )
+    # A tie the file and the model do not share would load without error and then train two
+    # tensors where the saved run trained one (or the reverse): the resume would not be that run.
+    saved_ties, model_ties = _tie_groups(shared_names(state)), _tie_groups(shared_names(module.state_dict()))
+    if saved_ties != model_ties:
+        raise CheckpointError(
+            f"checkpoint {path}: {rel} ties {_described(saved_ties)}, the model ties {_described(model_ties)}"
+        )
     with torch.no_grad():
-        for key, value in module.state_dict(keep_vars=True).items():
+        for key, value in own.items():
             if value.shape != state[key].shape:
                 raise CheckpointError(
                     f"checkpoint {path}: {key} has shape {tuple(state[key].shape)}, the model {tuple(value.shape)}"
                 )
-            value.copy_(state[key])
+            value.copy_(state[key])  # in place: tied names stay one tensor
+
+
+def _tie_groups(aliases: dict[str, str]) -> set[frozenset[str]]:
+    groups: dict[str, set[str]] = {}
+    for alias, kept in aliases.items():
+        groups.setdefault(kept, {kept}).add(alias)
+    return {frozenset(g) for g in groups.values()}
+
+
+def _described(groups: set[frozenset[str]]) -> str:
+    return "; ".join(sorted(" = ".join(sorted(g)) for g in groups)) or "nothing"

@@ -4,7 +4,9 @@ of full float32 weights, on one CPU process:
     python -m disttrain.export CHECKPOINT_DIR OUT.safetensors [--tag TAG]
 
 CHECKPOINT_DIR is the directory given to `engine.save_checkpoint` (it holds `latest` and one folder
-per tag). The file is written aside and renamed, so a reader never sees half of it.
+per tag). The file is written aside and renamed, so a reader never sees half of it. Tied weights
+(DeepSpeed gives them back as one tensor under each name) are stored once, their other names
+recorded as aliases, as in the files training writes (disttrain.weights).
 """
 
 from __future__ import annotations
@@ -14,14 +16,18 @@ import os
 
 
 def export_checkpoint(checkpoint_dir: str, out: str, tag: str | None = None) -> int:
-    """Write the checkpoint's full weights to `out`; returns the number of tensors."""
+    """Write the checkpoint's full weights to `out`; returns the number of tensors it stores."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from safetensors.torch import save_file
 
+    from disttrain.weights import deduplicated
+
     state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
-    save_file({k: v.contiguous() for k, v in state.items()}, out + ".tmp")
+    # Written from the tensors, not from bytes in memory: a large model's weights fit only once.
+    tensors, metadata = deduplicated(state)
+    save_file(tensors, out + ".tmp", metadata=metadata)
     os.replace(out + ".tmp", out)
-    return len(state)
+    return len(tensors)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,8 +36,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out")
     parser.add_argument("--tag", default=None, help="checkpoint tag; default: the one named in `latest`")
     args = parser.parse_args(argv)
+    from disttrain.weights import file_aliases  # after parsing: --help imports no torch
+
     count = export_checkpoint(args.checkpoint_dir, args.out, args.tag)
-    print(f"wrote {count} tensors to {args.out}")
+    tied = len(file_aliases(args.out))
+    print(f"wrote {count} tensors to {args.out}" + (f"; {tied} tied name(s) recorded as aliases" if tied else ""))
 
 
 if __name__ == "__main__":
