@@ -163,7 +163,7 @@ def inspect_recipe(argv: list[str], output_dir: str, float64: bool) -> list[Verd
         _to_float64(recipe)
     verdicts = []
     indices = list(range(min(8, recipe.num_train)))
-    first, again = recipe.train_batch(indices), recipe.train_batch(indices)
+    first, again = recipe.load_batch(MicroBatchPlan(indices)), recipe.load_batch(MicroBatchPlan(indices))
     if _same(first, again):
         verdicts.append(Verdict("PASS", "dataset: the same index gives the same sample"))
     else:
@@ -171,7 +171,7 @@ def inspect_recipe(argv: list[str], output_dir: str, float64: bool) -> list[Verd
             Verdict(
                 "FAIL",
                 "dataset: the same index gives the same sample",
-                "train_batch() returned other data for the same indices on a second call",
+                "the recipe's data (train_dataset or train_batch) gave other samples for the same indices on a second call",
                 "derive any randomness of a sample from (seed, epoch, index), never from a global generator: "
                 "processes and resumed runs must see the same data",
             )

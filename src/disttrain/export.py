@@ -22,12 +22,29 @@ def export_checkpoint(checkpoint_dir: str, out: str, tag: str | None = None) -> 
 
     from disttrain.weights import deduplicated
 
+    tag = tag or _only_tag(checkpoint_dir)
     state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
     # Written from the tensors, not from bytes in memory: a large model's weights fit only once.
     tensors, metadata = deduplicated(state)
     save_file(tensors, out + ".tmp", metadata=metadata)
     os.replace(out + ".tmp", out)
     return len(tensors)
+
+
+def _only_tag(checkpoint_dir: str) -> str | None:
+    """The tag to export when none is given: the one `latest` names, else the directory's only tag
+    (a run's checkpoint keeps its DeepSpeed state under `state` and writes no `latest`)."""
+    if os.path.exists(os.path.join(checkpoint_dir, "latest")):
+        return None
+    tags = sorted(d for d in os.listdir(checkpoint_dir) if os.path.isdir(os.path.join(checkpoint_dir, d)))
+    tags = [t for t in tags if any(f.endswith("model_states.pt") for f in os.listdir(os.path.join(checkpoint_dir, t)))]
+    if len(tags) != 1:
+        raise SystemExit(
+            f"export: {checkpoint_dir} names no `latest` tag and holds {len(tags)} DeepSpeed tags"
+            + (f" ({', '.join(tags)})" if tags else "")
+            + "; pass --tag TAG, or give the directory that holds the tag"
+        )
+    return tags[0]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -40,9 +40,12 @@ def check_tracker(cfg: Config) -> None:
     if cfg.tracker == "none":
         return
     if not any(importlib.util.find_spec(name) is not None for name in _PACKAGES[cfg.tracker]):
+        install = (
+            "make install" if cfg.tracker == "wandb" else f"make install EXTRAS={cfg.tracker}"
+        )  # wandb: a base dependency
         raise ConfigError(
-            f"tracker={cfg.tracker} needs the {cfg.tracker} package: pip install {cfg.tracker} "
-            "(or choose tracker=none to train without tracking)"
+            f"tracker={cfg.tracker} needs the {cfg.tracker} package: {install} (it keeps the pinned torch), "
+            "or choose tracker=none to train without tracking"
         )
 
 

@@ -13,6 +13,7 @@ no `persistent_workers` to set).
 from __future__ import annotations
 
 import math
+import multiprocessing
 import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -101,6 +102,10 @@ def plan_loader(
         workers = {
             "prefetch_factor": prefetch_factor or max(2, math.ceil(2 * window_micro_batches / num_workers)),
             "worker_init_fn": _leave_stopping_to_the_trainer,
+            # Forked, where the platform can: a worker then inherits the recipe as built instead of
+            # unpickling it (its schedules hold lambdas), whatever start method the process was
+            # given (a spawned rank, Python 3.14's forkserver default).
+            "multiprocessing_context": "fork" if "fork" in multiprocessing.get_all_start_methods() else None,
         }
     return DataLoader(
         _Fetch(phases),
