@@ -113,9 +113,9 @@ def test_sample_seed_is_known_only_while_a_sample_loads():
 
 
 def test_loader_keys_are_checked_before_launch():
-    with pytest.raises(ConfigError, match="data.prefetch_factor=4 needs data.num_workers > 0"):
+    with pytest.raises(ConfigError, match=r"data\.prefetch_factor=4 needs data\.num_workers > 0"):
         resolve_config([*AUGMENTED, "data.prefetch_factor=4"], world_size=1)
     with pytest.raises(ConfigError, match="workers already live for the whole run"):
         resolve_config([*AUGMENTED, "data.persistent_workers=true"], world_size=1)
-    with pytest.raises(ConfigError, match="data.num_workers=-1 must be >= 0"):
+    with pytest.raises(ConfigError, match=r"data\.num_workers=-1 must be >= 0"):
         resolve_config([*AUGMENTED, "data.num_workers=-1"], world_size=1)
