@@ -45,7 +45,7 @@ def final_line(
         f"done: {steps_run} steps in {seconds:.1f}s ({steps_run / max(seconds, 1e-9):.2f} steps/s)"
         + (f" after resuming at step {resumed_at}" if resumed_at is not None else "")
         + (f", final {format_losses(losses)} (mean over all items of the last {last} steps)" if losses else "")
-        + f", {quality}"
+        + (f", {quality}" if quality else "")
         + f", {data_wait_share:.1%} of the time waiting for data"
         + (f", {overflow_steps} steps skipped on fp16 overflow" if overflow_steps else "")
         + (f", {nonfinite_steps} updates skipped on non-finite gradients" if nonfinite_steps else "")
