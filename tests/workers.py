@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 
 import torch
 from accelerate.utils import set_seed
@@ -11,7 +12,7 @@ from disttrain.config import world_size_from_env
 from disttrain.recipe import build_recipe
 from disttrain.trainer import Trainer
 from tests.cases import case_config
-from tests.reference import named_grads, named_params, to_float64
+from tests.reference import named_grads, named_params, to_float64, unwrap
 
 
 def make_trainer(
@@ -249,3 +250,126 @@ def poisoned_steps(output_dir: str, poisoned_step: int, poisoned_rank: int, step
         moved.append(any(not torch.equal(before[k], after[k]) for k in before))
         assert result.phases[0].update.nonfinite == (step == poisoned_step)
     return {"moved": moved, "skipped": trainer.nonfinite_steps, "params": named_params(trainer.recipe.models)}
+
+
+# FSDP: the block classes each recipe shards as units of their own (the classifier's layers too, so
+# that a model holds several units there as well).
+FSDP_MODES = {
+    "ddp": [],
+    "fsdp": ["fsdp.enabled=true"],
+    "fsdp_every": ["fsdp.enabled=true", "fsdp.sync_every_micro_batch=true"],
+    "fsdp_keep": ["fsdp.enabled=true", "fsdp.reshard_after_forward=false"],
+}
+
+
+def make_fsdp_trainer(recipe: str, window: str, accumulation: int, mode: str, output_dir: str, steps: int, *extra: str):
+    from disttrain.recipes.classifier.recipe import ClassifierRecipe
+
+    # seq2seq names its Transformer layers as blocks; the classifier names none, and here every
+    # Linear becomes a unit of its own (units inside a model's unit).
+    ClassifierRecipe.shard_blocks = (torch.nn.Linear,)
+    name = f"run_name={recipe}-{window}-a{accumulation}-{mode}"
+    return make_trainer(recipe, window, accumulation, output_dir, steps, *FSDP_MODES[mode], name, *extra)
+
+
+def whole(tensors: dict) -> dict[str, torch.Tensor]:
+    """Full tensors of possibly sharded ones (a collective for DTensors), on the CPU."""
+    from torch.distributed.tensor import DTensor
+
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone().cpu() for k, v in tensors.items()}
+
+
+def fsdp_grads(models: dict) -> dict[str, torch.Tensor]:
+    return whole(
+        {
+            f"{m}.{n}": p.grad
+            for m, model in models.items()
+            for n, p in unwrap(model).named_parameters()
+            if p.grad is not None
+        }
+    )
+
+
+def fsdp_params(models: dict) -> dict[str, torch.Tensor]:
+    return whole({f"{m}.{n}": p for m, model in models.items() for n, p in unwrap(model).named_parameters()})
+
+
+def run_fsdp_cases(cases: list[tuple[str, str, int, str]], output_dir: str, steps: int = 3, *extra: str) -> dict:
+    """Train each (recipe, window, accumulation, mode) case in float64 (mode: a key of FSDP_MODES);
+    keep the whole gradients at every phase boundary, the final whole parameters, the reduce-scatter
+    calls of every micro-step and the number of FSDP units that hold gradients."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+
+    calls = [0]
+    original = dist.reduce_scatter_single
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    dist.reduce_scatter_single = counted  # FSDP2 looks it up on the module at every reduction
+    out = {}
+    try:
+        for recipe, window, accumulation, mode in cases:
+            trainer = make_fsdp_trainer(recipe, window, accumulation, mode, output_dir, steps, *extra)
+            grads, rounds = [], []
+            for step in range(steps):
+                for phase in trainer.recipe.phases(step):
+                    per_micro_step, losses = [], phase.losses
+
+                    def spying(models, batch, losses=losses, per_micro_step=per_micro_step):
+                        per_micro_step.append(calls[0])  # the previous micro-step's backward is over
+                        yield from losses(models, batch)
+
+                    phase.losses = spying
+                    calls[0] = 0
+                    trainer.backward_window(phase)
+                    per_micro_step.append(calls[0])
+                    rounds.append([b - a for a, b in itertools.pairwise(per_micro_step)])
+                    grads.append(fsdp_grads(trainer.models))
+                    trainer.optimizer_step(phase)
+                    assert not fsdp_grads(trainer.models), f"gradients left after the {phase.name} step"
+            units = sum(isinstance(m, FSDPModule) for model in trainer.models.values() for m in model.modules())
+            exported = {
+                **fsdp_params(trainer.models),
+                **named_params({k: v for k, v in trainer.recipe.exported_models().items() if k not in trainer.models}),
+            }
+            out[(recipe, window, accumulation, mode)] = {
+                "grads": grads,
+                "params": exported,
+                "rounds": rounds,
+                "units": units,
+            }
+    finally:
+        dist.reduce_scatter_single = original
+    return out
+
+
+def fsdp_checkpoint_run(
+    output_dir: str, steps: int, save_at: int = 0, resume_from: str = "", name: str = "run"
+) -> dict:
+    """Train seq2seq (two optimizers, AdamW) under FSDP in float64 for `steps` steps; write a checkpoint
+    after `save_at` steps, or start from the checkpoint `resume_from`. Returns the whole parameters,
+    the checkpoint's path and the step the run started at."""
+    extra = ["checkpoint_every=0", f"run_name={name}", *([f"resume={resume_from}"] if resume_from else [])]
+    trainer = make_fsdp_trainer("seq2seq", "short", 1, "fsdp", output_dir, steps, *extra)
+    start, saved = trainer.start_step, ""
+    for step in range(start, steps):
+        trainer.train_step(step)
+        if step + 1 == save_at:
+            saved = trainer.save_checkpoint(save_at)
+    return {"params": fsdp_params(trainer.models), "checkpoint": saved, "start": start}
+
+
+def local_shards(state: dict) -> dict:
+    from torch.distributed.tensor import DTensor
+
+    return {k: v.to_local() if isinstance(v, DTensor) else v for k, v in state.items()}
+
+
+def fsdp_first_checkpoint(output_dir: str) -> str:
+    """One FSDP step and the run's first checkpoint, with the package as it is."""
+    trainer = make_fsdp_trainer("classifier", "short", 1, "fsdp", output_dir, 1, "checkpoint_every=0")
+    trainer.train_step(0)
+    return trainer.save_checkpoint(1)

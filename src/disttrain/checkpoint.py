@@ -59,6 +59,10 @@ RESUMABLE_CHANGES = (
     "collective_timeout_s",
     "tracker",
     "wandb",
+    "data",  # how micro-batches are loaded, not which
+    "fsdp.reshard_after_forward",  # memory against communication; the same gradients
+    "fsdp.sync_every_micro_batch",
+    "fsdp.cpu_offload",
 )
 
 
@@ -316,6 +320,11 @@ def incompatibilities(saved: Config | dict, current: Config) -> list[str]:
     """`key: saved -> current` for every setting that changes the update and differs."""
     old = flat_items(OmegaConf.to_container(OmegaConf.create(to_yaml(saved) if isinstance(saved, Config) else saved)))
     new = flat_items(OmegaConf.to_container(OmegaConf.structured(current)))
+    # A key a later version added is absent from an older checkpoint: at its default it changes nothing.
+    defaults = flat_items(OmegaConf.to_container(OmegaConf.structured(type(current))))
+    for key in new.keys() - old.keys():
+        if key in defaults and new[key] == defaults[key]:
+            old[key] = new[key]
     free = lambda key: any(key == k or key.startswith(k + ".") for k in RESUMABLE_CHANGES)  # noqa: E731
     keys = sorted((old.keys() | new.keys()) - {k for k in old.keys() | new.keys() if free(k)})
     return [f"{k}: {old.get(k, '<absent>')} -> {new.get(k, '<absent>')}" for k in keys if old.get(k) != new.get(k)]

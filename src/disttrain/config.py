@@ -124,6 +124,27 @@ class DataLoaderConfig:
             )
 
 
+@dataclass
+class FsdpConfig:
+    """FSDP2 (`torch.distributed.fsdp.fully_shard`): parameters, gradients and optimizer state sharded
+    over the processes. Precision comes from the run's `mixed_precision`, never from here."""
+
+    enabled: bool = setting(
+        False,
+        "train with FSDP2 (fully_shard per block and per model); `accelerate launch` with "
+        "configs/accelerate/fsdp2.yaml sets it",
+    )
+    reshard_after_forward: bool = setting(
+        True, "free the gathered parameters after each forward and gather them again in backward (less memory)"
+    )
+    sync_every_micro_batch: bool = setting(
+        False,
+        "reduce-scatter gradients after every micro-batch instead of once per window: sharded gradients "
+        "between micro-batches (less memory), more communication; the update is the same",
+    )
+    cpu_offload: bool = setting(False, "keep sharded parameters, gradients and optimizer state in CPU memory (GPUs)")
+
+
 BUILTIN_RECIPES = "disttrain.recipes"
 DEFAULT_RECIPE = "seq2seq"
 
@@ -148,6 +169,7 @@ class Config:
         "train with DeepSpeed, configured by this JSON (configs/deepspeed/*.json); "
         "`accelerate launch` with a DeepSpeed config file sets it",
     )
+    fsdp: FsdpConfig = section(FsdpConfig, "FSDP2: sharded parameters, gradients and optimizer state")
     eval_every: int = setting(0, "evaluate every N optimizer steps; 0 evaluates at the end only")
     log_every: int = setting(25, "report the global loss every N optimizer steps")
     output_dir: str = setting("runs", "parent of run directories")

@@ -32,6 +32,7 @@ def resolve_config(argv: list[str], world_size: int | None = None) -> Config:
     world = world_size_from_env() if world_size is None else world_size
     cfg = load_config(argv, world)
     cfg.deepspeed_config = deepspeed_config_path(cfg)  # `accelerate launch` may name it in its variables
+    cfg.fsdp.enabled = cfg.fsdp.enabled or launcher_selects_fsdp()
     validate_recipe = getattr(cfg.recipe_config, "validate", None)
     if validate_recipe is not None:
         validate_recipe(cfg)
@@ -41,6 +42,7 @@ def resolve_config(argv: list[str], world_size: int | None = None) -> Config:
         check_optimizer(key, optimizer)
     check_tracker(cfg)
     check_deepspeed(cfg, world)
+    check_fsdp(cfg)
     check_launcher_env(cfg)
     check_device_support(cfg, world)
     check_output_dir(cfg)
@@ -87,6 +89,43 @@ def check_deepspeed(cfg: Config, world_size: int) -> None:
         raise ConfigError(
             "on_nonfinite=skip is not supported under DeepSpeed (its engines keep the reduced gradients "
             "until they step); use on_nonfinite=stop, which checkpoints the state before the bad step"
+        )
+
+
+def launcher_selects_fsdp() -> bool:
+    """Whether `accelerate launch` runs an FSDP config (configs/accelerate/fsdp2.yaml): Accelerate
+    announces it in its variables, and the FSDP engine wraps the models itself (also on CPU, where
+    Accelerate would not)."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return False
+    version = os.environ.get("FSDP_VERSION", "1")
+    if version != "2":
+        raise ConfigError(
+            f"the accelerate config selects FSDP version {version}; disttrain trains with FSDP2: "
+            "set fsdp_version: 2 in its fsdp_config (see configs/accelerate/fsdp2.yaml)"
+        )
+    return True
+
+
+def check_fsdp(cfg: Config) -> None:
+    if not cfg.fsdp.enabled:
+        return
+    if cfg.deepspeed_config:
+        raise ConfigError(
+            f"fsdp.enabled=true together with deepspeed_config={cfg.deepspeed_config}: choose one engine "
+            "(drop deepspeed_config, or set fsdp.enabled=false)"
+        )
+    if cfg.mixed_precision == "fp16":
+        raise ConfigError(
+            "mixed_precision=fp16 is not supported with FSDP (it would need a sharded loss scaler); "
+            "use mixed_precision=bf16: FSDP keeps float32 sharded weights and reduces in float32"
+        )
+    import torch
+
+    if cfg.fsdp.cpu_offload and not torch.cuda.is_available():
+        raise ConfigError(
+            "fsdp.cpu_offload=true needs GPUs: on this CPU machine the sharded state already lives in CPU memory; "
+            "set fsdp.cpu_offload=false"
         )
 
 

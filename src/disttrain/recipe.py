@@ -52,6 +52,9 @@ class Recipe(ABC):
     terms: tuple[str, ...] = ("loss",)
     #: set when the last loss term does not reach every parameter (DDP must then look for unused ones)
     find_unused_parameters: bool = False
+    #: module classes that FSDP shards as units of their own (transformer layers), inside each model's
+    #: own unit; empty: one unit per model
+    shard_blocks: tuple[type[nn.Module], ...] = ()
 
     def __init__(self, models: dict[str, nn.Module], groups: list[OptimizerGroup]):
         self.models = models

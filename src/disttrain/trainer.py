@@ -86,6 +86,7 @@ class Trainer:
         warn_batchnorm(self.recipe.models, cfg, self.world_size, self.accumulation)
         if cfg.sync_batchnorm and self.world_size > 1:
             self.recipe.models = {k: nn.SyncBatchNorm.convert_sync_batchnorm(m) for k, m in self.recipe.models.items()}
+        self.engine.block_classes = self.recipe.shard_blocks
         self.engine.wrap(self.recipe.models, self.recipe.groups)
         self.models, self.groups = self.engine.models, self.engine.groups
         self.sampler = WindowSampler(self.recipe.num_train, cfg.global_batch_size, cfg.micro_batch_size, cfg.seed)

@@ -24,6 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from disttrain.safe_files import write_bytes
 
@@ -44,6 +45,8 @@ def shared_names(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
     first: dict[tuple, str] = {}
     aliases = {}
     for name, tensor in state.items():
+        if isinstance(tensor, DTensor):  # FSDP2: a shared parameter is one DTensor, its shard one storage
+            tensor = tensor.to_local()
         if tensor.numel() == 0 or tensor.device.type == "meta":  # ZeRO 3 placeholders share no data
             continue
         key = (

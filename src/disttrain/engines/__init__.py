@@ -1,4 +1,4 @@
-"""Engines: DDP (one process included) and DeepSpeed, behind one interface (engines/base.py).
+"""Engines: DDP (one process included), DeepSpeed and FSDP2, behind one interface (engines/base.py).
 
 Adding an engine is one file with an `Engine` subclass and one line in `build_engine`.
 """
@@ -15,6 +15,10 @@ def build_engine(cfg: Config, find_unused_parameters: bool = False) -> Engine:
         from disttrain.engines.deepspeed import DeepSpeedEngine
 
         return DeepSpeedEngine(cfg, find_unused_parameters)
+    if cfg.fsdp.enabled:
+        from disttrain.engines.fsdp import FSDPEngine
+
+        return FSDPEngine(cfg)
     from disttrain.engines.ddp import DDPEngine
 
     return DDPEngine(cfg, find_unused_parameters)

@@ -54,6 +54,8 @@ class Engine(ABC):
     """Process facts come from the Accelerator; everything that differs is an abstract method."""
 
     name: str
+    #: module classes a sharding engine makes units of their own (the recipe's `shard_blocks`)
+    block_classes: tuple[type[nn.Module], ...] = ()
 
     def __init__(self, cfg: Config, accelerator: Accelerator):
         self.cfg = cfg

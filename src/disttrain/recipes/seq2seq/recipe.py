@@ -164,6 +164,8 @@ class Seq2Seq(nn.Module):
 
 
 class Seq2SeqRecipe(Recipe):
+    shard_blocks = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)  # FSDP: one unit per layer
+
     def __init__(self, cfg: Config):
         s: Seq2SeqConfig = cfg.recipe_config
         self.cfg = s

@@ -1,0 +1,132 @@
+"""FSDP2 (fully_shard over a gloo CPU mesh): the same exact update as DDP, one reduction per window."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import tempfile
+
+import pytest
+
+from disttrain.engines.fsdp import STATE_DIR
+from tests.cases import case_config
+from tests.dist import run_distributed
+from tests.reference import gan_reference_run, reference_run
+from tests.test_equivalence import assert_same
+from tests.workers import fsdp_checkpoint_run, fsdp_first_checkpoint, run_fsdp_cases
+
+STEPS = 3
+ACCUMULATION = 3
+# The short window makes the second step's window shorter than the others; seq2seq has uneven
+# token counts across processes and two optimizers (encoder, decoder) on one sharded model.
+CASES = [(r, "short", ACCUMULATION, m) for r in ("classifier", "seq2seq") for m in ("fsdp", "fsdp_every")]
+CASES += [("classifier", "short", ACCUMULATION, "ddp"), ("seq2seq", "short", 1, "fsdp_keep")]
+# Both GAN models sharded (one unit each); D frozen while G trains through it.
+GAN_CASE = ("gan", "short", ACCUMULATION, "fsdp")
+
+
+@functools.cache
+def results() -> dict:
+    with tempfile.TemporaryDirectory() as out:
+        return run_distributed(run_fsdp_cases, 2, [*CASES, GAN_CASE], out, STEPS, timeout=300)
+
+
+@functools.cache
+def reference(recipe: str, window: str) -> dict:
+    with tempfile.TemporaryDirectory() as out:
+        return reference_run(case_config(recipe, window, 1, 1, out, STEPS), STEPS)
+
+
+@pytest.mark.parametrize("case", CASES, ids=["-".join(map(str, c)) for c in CASES])
+def test_fsdp_update_equals_whole_batch_reference(case):
+    ref = reference(case[0], case[1])
+    for rank, ranks in enumerate(results()):
+        got = ranks[case]
+        for step in range(STEPS):
+            assert_same(got["grads"][step], ref["grads"][step], f"rank {rank} step {step} gradient", 1e-9, 1e-12)
+        assert_same(got["params"], ref["params"], f"rank {rank} parameters after {STEPS} steps", 1e-9, 1e-11)
+
+
+def test_fsdp_gan_equals_whole_batch_reference_and_never_syncs_the_frozen_model():
+    with tempfile.TemporaryDirectory() as out:
+        ref = gan_reference_run(case_config("gan", "short", 1, 1, out, STEPS), STEPS)
+    for rank, ranks in enumerate(results()):
+        got = ranks[GAN_CASE]
+        for i, (actual, expected) in enumerate(zip(got["grads"], ref["grads"], strict=True)):
+            # The reference keeps each phase's trained model's gradients only: so must the engine.
+            assert_same(actual, expected, f"rank {rank} phase {i} gradient", 1e-9, 1e-12)
+        assert_same(got["params"], ref["params"], f"rank {rank} parameters and EMA", 1e-9, 1e-11)
+    # D phase then G phase per step, one unit each: one reduce-scatter per window, none for frozen D.
+    assert results()[0][GAN_CASE]["rounds"] == [[0, 0, 1], [0, 0, 1], [1], [1], [0, 0, 1], [0, 0, 1]]
+
+
+def test_fsdp_and_ddp_give_the_same_weights():
+    fsdp, ddp = (
+        results()[0][("classifier", "short", ACCUMULATION, "fsdp")],
+        results()[0][("classifier", "short", ACCUMULATION, "ddp")],
+    )
+    assert_same(fsdp["params"], ddp["params"], "FSDP vs DDP", 1e-12, 1e-14)
+
+
+# Units that hold parameters: the classifier's three Linear layers (its root holds none); seq2seq's
+# encoder layer, decoder layer, and its root (embeddings, norms, output layer).
+UNITS_WITH_PARAMETERS = {"classifier": 3, "seq2seq": 3}
+
+
+@pytest.mark.parametrize("recipe", ["classifier", "seq2seq"])
+def test_one_reduce_scatter_round_per_window(recipe):
+    """Default: nothing crosses the network until the window's last backward, then each unit
+    reduce-scatters once. The short window (the second step's) has one micro-step only."""
+    rounds = results()[0][(recipe, "short", ACCUMULATION, "fsdp")]["rounds"]
+    units = UNITS_WITH_PARAMETERS[recipe]
+    assert [len(r) for r in rounds] == [ACCUMULATION, 1, ACCUMULATION]
+    assert rounds == [[0] * (len(r) - 1) + [units] for r in rounds]
+
+
+@pytest.mark.parametrize("recipe", ["classifier", "seq2seq"])
+def test_memory_mode_reduce_scatters_every_micro_batch(recipe):
+    rounds = results()[0][(recipe, "short", ACCUMULATION, "fsdp_every")]["rounds"]
+    assert rounds == [[UNITS_WITH_PARAMETERS[recipe]] * n for n in (ACCUMULATION, 1, ACCUMULATION)]
+
+
+@pytest.fixture(scope="module")
+def checkpointed(tmp_path_factory) -> tuple[str, dict]:
+    """Four steps on 2 processes, with a checkpoint after the second: (output dir, result)."""
+    out = tmp_path_factory.mktemp("fsdp-checkpoint")
+    return str(out), run_distributed(fsdp_checkpoint_run, 2, str(out), 4, 2, "", "whole")[0]
+
+
+def test_sharded_checkpoint_is_written_by_every_process_and_listed(checkpointed):
+    _, whole = checkpointed
+    with open(f"{whole['checkpoint']}/manifest.json") as f:
+        manifest = json.load(f)
+    shards = sorted(f for f in manifest["files"] if f.startswith(f"{STATE_DIR}/"))
+    # One shard file per process (written in parallel) and DCP's metadata; no full optimizer file.
+    assert shards == [f"{STATE_DIR}/.metadata", f"{STATE_DIR}/__0_0.distcp", f"{STATE_DIR}/__1_0.distcp"]
+    assert "optimizers.pt" not in manifest["files"]
+
+
+@pytest.mark.parametrize("world", [2, 1, pytest.param(4, marks=pytest.mark.slow)], ids=["same-count", "on-1", "on-4"])
+def test_sharded_checkpoint_resumes_exactly(checkpointed, world):
+    """On the same process count bit for bit; on another within float64 rounding (DCP re-shards)."""
+    out, whole = checkpointed
+    resumed = run_distributed(fsdp_checkpoint_run, world, out, 4, 0, whole["checkpoint"], f"resumed-{world}")[0]
+    assert resumed["start"] == 2
+    tolerance = (0, 0) if world == 2 else (1e-10, 1e-12)
+    assert_same(resumed["params"], whole["params"], f"resumed on {world} processes", *tolerance)
+
+
+def test_first_checkpoint_under_fsdp_handles_dtensors(tmp_path):
+    """The space estimate before a first checkpoint looks for tied tensors among sharded ones."""
+    run_distributed(fsdp_first_checkpoint, 1, str(tmp_path))
+
+
+@pytest.mark.slow
+def test_accelerate_launch_with_the_fsdp2_config_trains_with_our_engine(tmp_path):
+    from tests.launcher import accelerate, launch
+
+    runs = tmp_path / "runs"
+    done = launch(accelerate("configs/accelerate/fsdp2.yaml"), "recipe=classifier", "steps=4", f"output_dir={runs}")
+    assert "2 process(es)" in done.stdout
+    assert "enabled: true" in (runs / next(iter(os.listdir(runs))) / "config.yaml").read_text()
