@@ -1,8 +1,8 @@
 """`python -m bench` (`make bench`): run every comparison, each as its own job, and write BENCHMARKS.md.
 
-    python -m bench                      # everything, 15 to 20 interleaved repetitions (8 to 12 minutes on 2 cores)
+    python -m bench                      # everything, 15 to 20 interleaved repetitions (9 to 14 minutes on 2 cores)
     python -m bench --quick              # 3 repetitions and short blocks, for development
-    python -m bench --only loop,comm     # some sections (loop comm peers memory startup gpu)
+    python -m bench --only loop,comm     # some sections (loop comm peers memory startup gpu data)
     python -m bench --render runs/bench/results.json   # rewrite BENCHMARKS.md from saved results
 
 Raw results go to runs/bench/results.json as each section finishes, so a failing section keeps
@@ -25,7 +25,7 @@ from typing import Any
 
 from bench.harness import REPO, run_job
 
-SECTIONS = ("loop", "comm", "peers", "memory", "startup", "gpu")
+SECTIONS = ("loop", "comm", "peers", "memory", "startup", "gpu", "data")
 
 
 def environment() -> dict[str, Any]:
@@ -103,6 +103,8 @@ def sections(quick: bool) -> dict[str, Callable[[], Any]]:
         "memory": memory,
         "startup": startup,
         "gpu": gpu,
+        # One training process: its one compute thread leaves the second core to the DataLoader's workers.
+        "data": lambda: run_job("bench.loading", common, nproc=1),
     }
 
 
