@@ -2,7 +2,7 @@
 
     python -m bench                      # everything, 15 to 20 interleaved repetitions (9 to 14 minutes on 2 cores)
     python -m bench --quick              # 3 repetitions and short blocks, for development
-    python -m bench --only loop,comm     # some sections (loop comm peers memory startup gpu data)
+    python -m bench --only loop,comm     # some sections (loop comm peers memory startup gpu data sharding)
     python -m bench --render runs/bench/results.json   # rewrite BENCHMARKS.md from saved results
 
 Raw results go to runs/bench/results.json as each section finishes, so a failing section keeps
@@ -25,7 +25,7 @@ from typing import Any
 
 from bench.harness import REPO, run_job
 
-SECTIONS = ("loop", "comm", "peers", "memory", "startup", "gpu", "data")
+SECTIONS = ("loop", "comm", "peers", "memory", "startup", "gpu", "data", "sharding")
 
 
 def environment() -> dict[str, Any]:
@@ -87,6 +87,11 @@ def sections(quick: bool) -> dict[str, Callable[[], Any]]:
 
         return {"help": help_seconds(3 if quick else 7), "first_step": first_step_seconds(1 if quick else 4)}
 
+    def sharding() -> Any:
+        from bench.sharding import measure
+
+        return measure(repeats=1 if quick else 3, steps=3 if quick else 5)
+
     def gpu() -> Any:
         import torch
 
@@ -105,6 +110,7 @@ def sections(quick: bool) -> dict[str, Callable[[], Any]]:
         "gpu": gpu,
         # One training process: its one compute thread leaves the second core to the DataLoader's workers.
         "data": lambda: run_job("bench.loading", common, nproc=1),
+        "sharding": sharding,
     }
 
 

@@ -22,6 +22,7 @@ def render(saved: dict[str, Any]) -> str:
         ("peers", _peers),
         ("gpu", _gpu),
         ("data", _data),
+        ("sharding", _sharding),
     ):
         if name in results:
             out.append(section(results[name]))
@@ -40,6 +41,7 @@ TITLES = {
     "peers": "5. Peers: PyTorch Lightning",
     "gpu": "6. GPU throughput",
     "data": "7. Data loading",
+    "sharding": "8. Sharding: DDP, ZeRO 2, FSDP2",
 }
 
 
@@ -503,4 +505,37 @@ Target: with workers, at least {DATA_TARGET}x of `memory` and a data-wait share 
 the loading only on a core the training process does not use: other processes on the machine take
 that core from them (data wait) or, when the workers keep up, take the training process's core
 more often (wall time lost with no data wait, and a CPU-time ratio near 1).
+"""
+
+
+SHARDING_SIDES = {
+    "ddp": "DDP",
+    "zero2": "DeepSpeed ZeRO 2",
+    "fsdp": "FSDP2, one reduce-scatter per window",
+    "fsdp_every": "FSDP2, `fsdp.sync_every_micro_batch`",
+}
+
+
+def _sharding(sh: dict[str, Any]) -> str:
+    sides, base = sh["sides"], sh["sides"]["ddp"]
+    rows = [
+        f"| {SHARDING_SIDES[name]} | {d['process_peak_mib']['median']:.0f} | "
+        f"{d['process_peak_mib']['median'] / base['process_peak_mib']['median']:.2f}x | "
+        f"{d['training_peak_mib']['median']:.0f} | "
+        f"{d['training_peak_mib']['median'] / base['training_peak_mib']['median']:.2f}x | "
+        f"{_ms(d['step_seconds'])} |"
+        for name, d in sides.items()
+    ]
+    return f"""## {TITLES["sharding"]}
+
+seq2seq at width 384 ({sh["parameters"] / 1e6:.1f} M parameters, AdamW), 2 processes, accumulation
+{sh["accumulation"]}, micro-batch {sh["micro_batch"]}. Each side in its own 2-process job, {sh["repeats"]} job(s) each,
+sides in turn. Peak resident set (`VmHWM`) of the larger process, reset just before {sh["steps"]} optimizer
+steps; "training peak" is that peak minus the resident set before the steps. glibc's mmap threshold
+is fixed (`MALLOC_MMAP_THRESHOLD_={sh["MALLOC_MMAP_THRESHOLD_"]}`) so that freed tensors leave the resident set.
+Step time: the slowest process, steps after the first.
+
+| side | process peak, MiB | vs DDP | training peak, MiB | vs DDP | time per step |
+|---|---|---|---|---|---|
+{chr(10).join(rows)}
 """

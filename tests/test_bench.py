@@ -50,3 +50,21 @@ def test_data_comparison_runs_one_repetition_and_renders():
     report = render({"environment": ENVIRONMENT, "quick": True, "results": {"data": result}})
     assert "## 7. Data loading" in report and "| workers_1 | 1 |" in report
     assert "Trainer with 1 DataLoader worker / the same trainer fed from memory" in report
+
+
+def test_sharding_report_states_each_side_against_ddp():
+    from bench.sharding import SIDES
+
+    def side(peak: float, training: float, seconds: float) -> dict:
+        one = lambda v: {"median": v, "q1": v, "q3": v, "n": 1}  # noqa: E731
+        return {"process_peak_mib": one(peak), "training_peak_mib": one(training), "step_seconds": one(seconds)}
+
+    result = {"workload": [], "accumulation": 4, "micro_batch": 6, "repeats": 1, "steps": 3, "parameters": 8.3e6}
+    result["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    result["sides"] = {name: side(500 - 10 * i, 160 - 20 * i, 1 + i) for i, name in enumerate(SIDES)}
+    report = render({"environment": ENVIRONMENT, "quick": True, "results": {"sharding": result}})
+    assert "## 8. Sharding: DDP, ZeRO 2, FSDP2" in report
+    assert (
+        "| FSDP2, `fsdp.sync_every_micro_batch` | 470 | 0.94x | 100 | 0.62x | 4000.00 ms (4000.00 to 4000.00) |"
+        in report
+    )

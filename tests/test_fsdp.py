@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -117,6 +118,69 @@ def test_sharded_checkpoint_resumes_exactly(checkpointed, world):
     assert_same(resumed["params"], whole["params"], f"resumed on {world} processes", *tolerance)
 
 
+class MainProcessAlone:
+    """What resume's verification asks of an engine, on one process: no process group needed."""
+
+    is_main_process, world_size = True, 1
+
+    def share_from_main(self, value: str) -> str:
+        return value
+
+
+@pytest.mark.parametrize("damage", ["flipped", "truncated"])
+def test_a_damaged_shard_is_refused_before_loading_naming_the_file(checkpointed, tmp_path, damage):
+    """Resume checks every process's shard file against the manifest's size and sha256 first."""
+    from disttrain.checkpoint import CheckpointDamaged, load_checkpoint
+
+    _, whole = checkpointed
+    copy = tmp_path / "step"
+    shutil.copytree(whole["checkpoint"], copy)  # the fixture's checkpoint stays whole for the other tests
+    shard = copy / STATE_DIR / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    size = len(data)
+    if damage == "flipped":  # one bit, the size unchanged: only the checksum can tell
+        data[size // 2] ^= 0x40
+        reason = "does not match its recorded checksum (its bytes changed)"
+    else:
+        del data[size // 2 :]
+        reason = f"is {size // 2} bytes, {size} expected"
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointDamaged) as e:
+        load_checkpoint(str(copy), MainProcessAlone(), {}, None)  # refused before the config is read
+    assert str(e.value) == f"checkpoint {copy} is damaged: {STATE_DIR}/__1_0.distcp {reason}"
+
+
+def test_export_turns_the_shards_into_the_checkpoints_full_weights(checkpointed, tmp_path, capsys):
+    """One process, no process group: the DCP shards of 2 processes become the weights the run wrote."""
+    import torch.distributed as dist
+
+    from disttrain.export import main
+    from disttrain.weights import read_weights
+
+    _, whole = checkpointed
+    main([f"{whole['checkpoint']}/{STATE_DIR}", str(tmp_path / "out")])
+    assert not dist.is_initialized()
+    written = sorted(os.listdir(tmp_path / "out"))
+    assert written == sorted(os.listdir(f"{whole['checkpoint']}/models")) == ["seq2seq.safetensors"]
+    assert capsys.readouterr().out == f"wrote {len(whole['params'])} tensors to {tmp_path / 'out' / written[0]}\n"
+    exported = read_weights(tmp_path / "out" / written[0])
+    assert_same(exported, read_weights(f"{whole['checkpoint']}/models/{written[0]}"), "export", 0, 0)
+
+
+def test_export_refuses_metadata_that_names_other_code(checkpointed, tmp_path):
+    """DCP's metadata is a pickle: one that would construct anything but DCP's records is refused."""
+    import pickle
+
+    from disttrain.export import main
+    from disttrain.safe_files import CheckpointError
+
+    _, whole = checkpointed
+    shutil.copytree(f"{whole['checkpoint']}/{STATE_DIR}", tmp_path / STATE_DIR)  # no manifest: the pickle is read
+    (tmp_path / STATE_DIR / ".metadata").write_bytes(pickle.dumps(shutil.rmtree))
+    with pytest.raises(CheckpointError, match=r"shutil.rmtree is not allowed in a checkpoint's metadata"):
+        main([str(tmp_path / STATE_DIR), str(tmp_path / "out")])
+
+
 def test_first_checkpoint_under_fsdp_handles_dtensors(tmp_path):
     """The space estimate before a first checkpoint looks for tied tensors among sharded ones."""
     run_distributed(fsdp_first_checkpoint, 1, str(tmp_path))
@@ -130,3 +194,41 @@ def test_accelerate_launch_with_the_fsdp2_config_trains_with_our_engine(tmp_path
     done = launch(accelerate("configs/accelerate/fsdp2.yaml"), "recipe=classifier", "steps=4", f"output_dir={runs}")
     assert "2 process(es)" in done.stdout
     assert "enabled: true" in (runs / next(iter(os.listdir(runs))) / "config.yaml").read_text()
+
+
+def refused(args: list[str]) -> str:
+    from disttrain.config import ConfigError
+    from disttrain.preflight import resolve_config
+
+    with pytest.raises(ConfigError) as e:
+        resolve_config(args, world_size=2)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("args", "names"),
+    [
+        (["mixed_precision=fp16"], ["mixed_precision=fp16", "mixed_precision=bf16"]),
+        (["deepspeed_config=configs/deepspeed/zero2.json"], ["deepspeed_config=", "fsdp.enabled=false"]),
+        (["fsdp.cpu_offload=true"], ["fsdp.cpu_offload=true needs GPUs", "fsdp.cpu_offload=false"]),
+        # R1's torch.func pass under FSDP crashes in backward, float32 and bf16 alike.
+        (["recipe=gan", "micro_batch_size=128"], ["gan.r1_gamma>0", "FSDP", "gan.r1_gamma=0"]),
+        (["recipe=gan", "micro_batch_size=128", "mixed_precision=bf16"], ["gan.r1_gamma>0", "gan.r1_gamma=0"]),
+    ],
+    ids=["fp16", "with-deepspeed", "cpu-offload", "gan-r1", "gan-r1-bf16"],
+)
+def test_what_fsdp_cannot_run_is_refused_before_launch_naming_key_and_fix(args, names, monkeypatch):
+    if "cpu_offload" in args[0]:
+        monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    message = refused(["fsdp.enabled=true", *args])
+    assert all(n in message for n in names), message
+
+
+def test_the_gan_without_r1_and_an_fsdp1_launcher_config(monkeypatch):
+    from disttrain.preflight import resolve_config
+
+    assert resolve_config(["recipe=gan", "micro_batch_size=128", "gan.r1_gamma=0", "fsdp.enabled=true"], 2).fsdp.enabled
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    assert "fsdp_version: 2" in refused([])

@@ -30,7 +30,7 @@ from torch.distributed.tensor import DTensor
 from disttrain.accumulation import OptimizerGroup, UpdateResult, WindowResult
 from disttrain.config import Config, ConfigError
 from disttrain.engines.base import Engine, build_accelerator
-from disttrain.safe_files import CheckpointError, file_sha256
+from disttrain.safe_files import CheckpointError, dcp_planner, dcp_reader, file_sha256
 
 STATE_DIR = "fsdp"  # in a checkpoint: torch.distributed.checkpoint's files, one per process plus its metadata
 
@@ -215,16 +215,17 @@ class FSDPEngine(Engine):
         return digests if self.is_main_process else {}
 
     def load_state(self, directory: str) -> None:
-        """Load the shards this process holds now, whatever process count wrote them. DCP reads its
-        tensors and values with `torch.load(weights_only=True)`; its metadata file is its own pickle,
-        checked against the manifest's sha256 before anything is read."""
+        """Load the shards this process holds now, whatever process count wrote them. Tensors and values
+        are read with `torch.load(weights_only=True)` (DCP's default planner would unpickle values
+        without limits); the metadata file, a pickle, is checked against the manifest's sha256 before
+        anything is read, and may name only DCP's own records."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
         path = os.path.join(directory, STATE_DIR)
         state = self._state()
         try:
-            dcp.load(state, checkpoint_id=path)
+            dcp.load(state, storage_reader=dcp_reader(path), planner=dcp_planner())
         except Exception as e:
             raise CheckpointError(f"checkpoint {directory}: the FSDP shards could not be loaded ({e})") from e
         for name, model in self.models.items():

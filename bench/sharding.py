@@ -1,0 +1,134 @@
+"""Sharding: peak memory per process and step time of DDP, DeepSpeed ZeRO 2 and FSDP2 (a window's
+gradients kept whole until its last backward, or reduce-scattered after every micro-batch) on the
+same model, world size 2, accumulation 4.
+
+Peak memory is per process, so each side needs processes of its own: every side is its own
+2-process job (`torchrun ... -m bench.sharding --side S`), repetitions taking turns over the sides.
+Inside a job: the template's trainer is built (models wrapped, sharded), the kernel's peak resident
+set is reset to the current one (`/proc/self/clear_refs`, as bench/memory.py), then `steps`
+optimizer steps run. "training peak" is the peak minus the resident set before the steps: gradients,
+optimizer state (made by the first step), activations, communication buffers. Step time is the
+median of the steps after the first, on the slowest process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from typing import Any
+
+from bench.harness import REPO, job_parser, run_args, run_job, spread, write_result
+
+# Wider than the 1m model, so that the state sharding divides (parameters, gradients, Adam moments,
+# 4 bytes each per parameter) stands out from the process's fixed few hundred MiB.
+WORKLOAD = [
+    "seq2seq.d_model=384",
+    "seq2seq.n_heads=4",
+    "seq2seq.ffn_dim=1536",
+    "seq2seq.encoder_layers=2",
+    "seq2seq.decoder_layers=2",
+]
+ACCUMULATION = 4
+MICRO_BATCH = 6
+SIDES: dict[str, list[str]] = {
+    "ddp": [],
+    "zero2": [f"deepspeed_config={REPO / 'configs' / 'deepspeed' / 'zero2.json'}"],
+    "fsdp": ["fsdp.enabled=true"],
+    "fsdp_every": ["fsdp.enabled=true", "fsdp.sync_every_micro_batch=true"],
+}
+
+
+def _status_kib(field: str) -> int:
+    import re
+
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
+
+
+def child(side: str, steps: int, out: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from bench.harness import build_trainer, finish, parameter_count
+
+    with tempfile.TemporaryDirectory() as runs:
+        args = run_args("1m", ACCUMULATION, 2, runs, MICRO_BATCH, windows=steps + 1)
+        # run_args' 1m shapes, then this section's wider ones (later keys win).
+        trainer = build_trainer([*args, *WORKLOAD, *SIDES[side]], f"sharding-{side}")
+        parameters = sum(parameter_count(m) for m in trainer.recipe.models.values())
+        dist.barrier()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # the peak resident set starts again from the current one
+        before = _status_kib("VmRSS")
+        seconds = []
+        for step in range(steps):
+            dist.barrier()
+            start = time.perf_counter()
+            trainer.train_step(step)
+            seconds.append(time.perf_counter() - start)
+        peak = _status_kib("VmHWM")
+        mine = torch.tensor([before, peak, *seconds], dtype=torch.float64)
+        every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(every, mine)
+    write_result(
+        out,
+        {
+            "parameters": parameters,  # of the whole model: a DTensor counts its global shape
+            "before_kib": [int(t[0]) for t in every],
+            "peak_kib": [int(t[1]) for t in every],
+            # The slowest process's time for each step after the first (which builds optimizer state).
+            "step_seconds": [max(float(t[2 + i]) for t in every) for i in range(1, steps)],
+        },
+    )
+    finish()
+
+
+# glibc serves a freed large block's size from its heap from then on (its mmap threshold rises up
+# to 32 MiB), and a heap seldom shrinks: the resident set would keep every gathered parameter and
+# whole gradient FSDP has freed. A fixed threshold maps each large tensor on its own and unmaps it
+# when freed, so that the peak resident set is the peak of live tensors.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def measure(repeats: int, steps: int) -> dict[str, Any]:
+    """Each side `repeats` times, sides in turn; peaks in MiB, the larger process's."""
+    raw: dict[str, list[dict[str, Any]]] = {s: [] for s in SIDES}
+    saved = {k: os.environ.get(k) for k in MALLOC_ENV}
+    os.environ.update(MALLOC_ENV)  # the jobs' environment is this process's (bench.harness.job_env)
+    try:
+        for _ in range(repeats):
+            for side in SIDES:
+                raw[side].append(run_job("bench.sharding", ["--side", side, "--steps", str(steps)], timeout=900))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    out: dict[str, Any] = {"workload": WORKLOAD, "accumulation": ACCUMULATION, "micro_batch": MICRO_BATCH, **MALLOC_ENV}
+    out.update(repeats=repeats, steps=steps, parameters=raw["ddp"][0]["parameters"], sides={})
+    for side, runs in raw.items():
+        out["sides"][side] = {
+            "training_peak_mib": spread(
+                [max(p - b for p, b in zip(r["peak_kib"], r["before_kib"], strict=True)) / 1024 for r in runs]
+            ),
+            "process_peak_mib": spread([max(r["peak_kib"]) / 1024 for r in runs]),
+            "step_seconds": spread([t for r in runs for t in r["step_seconds"]]),
+        }
+    return out
+
+
+if __name__ == "__main__":
+    parser = job_parser(__doc__.splitlines()[0])
+    parser.add_argument("--side", choices=list(SIDES), help="run one side (inside its torchrun job)")
+    parser.add_argument("--steps", type=int, default=4)
+    args = parser.parse_args()
+    if args.side:
+        child(args.side, args.steps, args.out)
+    else:  # from the shell: every side, results as JSON
+        result = measure(args.reps, args.steps)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        print(json.dumps({s: {k: v["median"] for k, v in d.items()} for s, d in result["sides"].items()}, indent=1))
