@@ -89,7 +89,7 @@ def test_accumulation_below_one_is_refused():
     [
         (["micro_batch_size=0"], "micro_batch_size=0 must be >= 1"),
         (["steps=0"], "steps=0 must be >= 1"),
-        (["recipe=gpt"], "recipe='gpt' is not one of: classifier, gan, seq2seq"),
+        (["recipe=gpt"], "recipe='gpt' is not one of: causal_lm, classifier, gan, seq2seq"),
         (["mixed_precision=fp8"], "mixed_precision='fp8' is not one of: no, bf16, fp16"),
         (["lr_scaling=cubic"], "lr_scaling='cubic' is not one of: none, linear, sqrt"),
         (["lr_scaling=linear"], "lr_scaling=linear needs reference_batch_size"),
@@ -192,14 +192,14 @@ def test_help_lists_keys_without_importing_torch():
     for key in ("global_batch_size=64", "micro_batch_size=32", "seq2seq.encoder.lr=0.002"):
         assert key in out
     assert "classifier.optimizer" not in out, "only the chosen recipe's keys"
-    assert "Other built-in recipes: classifier, gan" in out
+    assert "Other built-in recipes: causal_lm, classifier, gan" in out
 
 
 def test_help_for_a_recipe_shows_its_keys_and_its_run_defaults():
     out = help_output("recipe=classifier")
     assert "classifier.optimizer.clip_grad_norm=1.0" in out and "seq2seq." not in out
     assert "steps=600" in out and "global_batch_size=128" in out  # the recipe's own run defaults
-    assert "Other built-in recipes: gan, seq2seq" in out
+    assert "Other built-in recipes: causal_lm, gan, seq2seq" in out
 
 
 @pytest.mark.slow

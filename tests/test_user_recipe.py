@@ -39,7 +39,10 @@ def test_user_recipe_keys_are_checked_and_listed_in_help():
     assert train("regression.noise=-1").stderr.strip() == "config error: regression.noise=-1.0 must be >= 0"
     missing = train("recipe=tests.fixture_recipes.nothing_here")
     assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
-    assert "recipe='tests.fixture_recipes.nothing_here' is not one of: classifier, gan, seq2seq" in missing.stderr
+    assert (
+        "recipe='tests.fixture_recipes.nothing_here' is not one of: causal_lm, classifier, gan, seq2seq"
+        in missing.stderr
+    )
 
 
 @pytest.mark.slow
