@@ -2,7 +2,7 @@
 
     python -m bench                      # everything, 15 to 20 interleaved repetitions (9 to 14 minutes on 2 cores)
     python -m bench --quick              # 3 repetitions and short blocks, for development
-    python -m bench --only loop,comm     # some sections (loop comm peers memory startup gpu data sharding)
+    python -m bench --only loop,comm     # some sections (loop comm peers memory startup gpu data sharding speed)
     python -m bench --render runs/bench/results.json   # rewrite BENCHMARKS.md from saved results
 
 Raw results go to runs/bench/results.json as each section finishes, so a failing section keeps
@@ -25,7 +25,7 @@ from typing import Any
 
 from bench.harness import REPO, run_job
 
-SECTIONS = ("loop", "comm", "peers", "memory", "startup", "gpu", "data", "sharding")
+SECTIONS = ("loop", "comm", "peers", "memory", "startup", "gpu", "data", "sharding", "speed")
 
 
 def environment() -> dict[str, Any]:
@@ -111,6 +111,8 @@ def sections(quick: bool) -> dict[str, Callable[[], Any]]:
         # One training process: its one compute thread leaves the second core to the DataLoader's workers.
         "data": lambda: run_job("bench.loading", common, nproc=1),
         "sharding": sharding,
+        # One process: compiled against eager steps/s, and memory with activation checkpointing.
+        "speed": lambda: run_job("bench.speed", common, nproc=1, timeout=1800),
     }
 
 

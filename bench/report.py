@@ -23,6 +23,7 @@ def render(saved: dict[str, Any]) -> str:
         ("gpu", _gpu),
         ("data", _data),
         ("sharding", _sharding),
+        ("speed", _speed),
     ):
         if name in results:
             out.append(section(results[name]))
@@ -42,6 +43,7 @@ TITLES = {
     "gpu": "6. GPU throughput",
     "data": "7. Data loading",
     "sharding": "8. Sharding: DDP, ZeRO 2, FSDP2",
+    "speed": "9. Speed: compile and activation checkpointing",
 }
 
 
@@ -539,3 +541,29 @@ Step time: the slowest process, steps after the first.
 |---|---|---|---|---|---|
 {chr(10).join(rows)}
 """
+
+
+def _speed(result: dict[str, Any]) -> str:
+    t, m = result["throughput"], result["memory"]
+    rows = [
+        f"## {TITLES['speed']}",
+        "",
+        f"One process, the 1 M-parameter seq2seq model, `compile_backend={t['backend']}`: {t['graphs']} graph(s) "
+        f"compiled in {t['compile_s']:.1f} s during the 3 warm-up steps ({t['warmup_wall_s']:.1f} s in all), "
+        "not in the timed blocks.",
+        "",
+        "| | steps/s (median, IQR) |",
+        "| --- | --- |",
+    ]
+    for name, s in t["steps_per_s"].items():
+        rows.append(f"| {name} | {s['median']:.2f} ({s['q1']:.2f}-{s['q3']:.2f}) |")
+    rows += [
+        "",
+        f"Peak training memory, global batch {m['global_batch']} (MiB):",
+        "",
+        "| setting | MiB |",
+        "| --- | --- |",
+    ]
+    for name, s in m["training_peak_mib"].items():
+        rows.append(f"| {name} | {s['median']:.1f} |")
+    return "\n".join(rows) + "\n"

@@ -64,6 +64,8 @@ RECIPES = {
     "classifier": ["recipe=classifier", *TINY_CLASSIFIER],
     "seq2seq": ["recipe=seq2seq", *TINY_SEQ2SEQ],
     "seq2seq_aux": ["recipe=seq2seq", *TINY_SEQ2SEQ, "seq2seq.aux_length_weight=0.5"],
+    # The equivalence matrix with the Transformer layers recomputed in backward.
+    "seq2seq_ac": ["recipe=seq2seq", *TINY_SEQ2SEQ, "activation_checkpointing=true"],
 }
 
 

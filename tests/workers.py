@@ -373,3 +373,85 @@ def fsdp_first_checkpoint(output_dir: str) -> str:
     trainer = make_fsdp_trainer("classifier", "short", 1, "fsdp", output_dir, 1, "checkpoint_every=0")
     trainer.train_step(0)
     return trainer.save_checkpoint(1)
+
+
+# Speed features (test_speed.py): torch.compile with the aot_eager backend (Dynamo and AOTAutograd,
+# no code generation: seconds to compile) and activation checkpointing, against eager runs.
+COMPILED = ["compile=true", "compile_backend=aot_eager"]
+
+
+def speed_cases(output_dir: str, steps: int = 3) -> dict:
+    """seq2seq with the auxiliary loss (two terms, variable lengths) in float64: eager and compiled
+    weights, the compiled run's DDP all-reduce rounds per micro-step and its graph count; and the
+    boundary gradients with dropout on, with and without activation checkpointing."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    from disttrain.speed.compiling import compiled_graphs
+
+    out: dict = {}
+    eager = make_trainer("seq2seq_aux", "short", 3, output_dir, steps, "run_name=eager")
+    for step in range(steps):
+        eager.train_step(step)
+    out["eager"] = named_params(eager.recipe.models)
+
+    graphs_before = compiled_graphs()
+    compiled = make_trainer("seq2seq_aux", "short", 3, output_dir, steps, *COMPILED, "run_name=compiled")
+    calls, per_micro_step = [0], []
+    if compiled.world_size > 1:
+
+        def counting_hook(state, bucket):
+            calls[0] += bucket.is_last()
+            return allreduce_hook(state, bucket)
+
+        compiled.models["seq2seq"].register_comm_hook(None, counting_hook)
+    original = compiled.recipe.losses
+
+    def spying(models, batch):
+        per_micro_step.append(calls[0])  # the previous micro-step's backward is over
+        yield from original(models, batch)
+
+    compiled.recipe.losses = spying
+    for step in range(steps):
+        phase = compiled.recipe.phases(step)[0]
+        per_micro_step.append(("window", step))
+        compiled.backward_window(phase)
+        per_micro_step.append(calls[0])
+        compiled.optimizer_step(phase)
+    out["compiled"] = named_params(compiled.recipe.models)
+    out["rounds"] = per_micro_step
+    out["graphs"] = compiled_graphs() - graphs_before
+
+    for name, extra in (("plain", []), ("checkpointed", ["activation_checkpointing=true"])):
+        trainer = make_trainer(
+            "seq2seq_aux", "short", 3, output_dir, steps, "seq2seq.dropout=0.3", f"run_name={name}", *extra
+        )
+        grads = []
+        for step in range(steps):
+            phase = trainer.recipe.phases(step)[0]
+            trainer.backward_window(phase)
+            grads.append(named_grads(trainer.models))
+            trainer.optimizer_step(phase)
+        out[name] = grads
+        out[f"{name}_blocks"] = trainer.checkpointed_blocks
+    return out
+
+
+def compiled_engine_cases(output_dir: str, steps: int = 3) -> dict:
+    """seq2seq compiled (aot_eager) on FSDP2 (float64, against DDP eager) and on DeepSpeed ZeRO 2
+    (float32, against DeepSpeed eager); whole final weights."""
+    from disttrain.speed.compiling import compiled_graphs
+
+    out: dict = {}
+    for name, mode, extra in (("ddp", "ddp", []), ("fsdp_compiled", "fsdp", COMPILED)):
+        trainer = make_fsdp_trainer("seq2seq", "short", 2, mode, output_dir, steps, f"run_name=s-{name}", *extra)
+        before = compiled_graphs()
+        for step in range(steps):
+            trainer.train_step(step)
+        out[name] = fsdp_params(trainer.models)
+        out[f"{name}_graphs"] = compiled_graphs() - before
+    zero2 = "configs/deepspeed/zero2.json"
+    for name, extra in (("zero2", []), ("zero2_compiled", COMPILED)):
+        out[name] = run_engine_cases([("seq2seq", "short", 2, zero2)], output_dir, steps, f"run_name=z-{name}", *extra)[
+            ("seq2seq", "short", 2, zero2)
+        ]
+    return out

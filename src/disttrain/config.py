@@ -46,6 +46,8 @@ LR_SCALINGS = ("none", "linear", "sqrt")
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
 NONFINITE_ACTIONS = ("skip", "stop")
 TRACKERS = ("wandb", "tensorboard", "none")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_DYNAMIC = ("auto", "true", "false")
 
 
 def one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -170,6 +172,32 @@ class Config:
         "`accelerate launch` with a DeepSpeed config file sets it",
     )
     fsdp: FsdpConfig = section(FsdpConfig, "FSDP2: sharded parameters, gradients and optimizer state")
+    compile: bool = setting(
+        False, "compile each model's forward (and backward) with torch.compile; the first step pays the compilation"
+    )
+    compile_mode: str = setting("default", f"torch.compile mode (inductor backend): {', '.join(COMPILE_MODES)}")
+    compile_backend: str = setting(
+        "inductor", "torch.compile backend: inductor (needs a C++ compiler on CPU), aot_eager (no code generation)"
+    )
+    compile_dynamic: str = setting(
+        "auto",
+        "shapes compiled as dynamic: auto (static first, dynamic after a shape changes: variable-length batches "
+        "compile twice, not per length), true (dynamic from the start), false (one compilation per shape)",
+    )
+    activation_checkpointing: bool = setting(
+        False,
+        "recompute the activations of the recipe's blocks (its shard_blocks) in backward instead of keeping them: "
+        "less memory, about one more forward of those blocks; gradients unchanged (dropout replayed)",
+    )
+    activation_checkpointing_every: int = setting(
+        1, "with activation_checkpointing: checkpoint every N-th block of each model (1: all of them)"
+    )
+    profile: bool = setting(
+        False, "write a torch.profiler trace of profile_steps steps to <run directory>/profile (Perfetto, TensorBoard)"
+    )
+    profile_start: int = setting(3, "with profile: optimizer steps run before recording (warm-up, compilation)")
+    profile_steps: int = setting(3, "with profile: optimizer steps recorded")
+    profile_all_processes: bool = setting(False, "with profile: every process writes its trace, not only the main one")
     eval_every: int = setting(0, "evaluate every N optimizer steps; 0 evaluates at the end only")
     log_every: int = setting(25, "report the global loss every N optimizer steps")
     output_dir: str = setting("runs", "parent of run directories")
@@ -342,6 +370,8 @@ ALIASES = {
     "save_every": "checkpoint_every",
     "eval_interval": "eval_every",
     "log_interval": "log_every",
+    "torch_compile": "compile",
+    "gradient_checkpointing": "activation_checkpointing",
 }
 
 
@@ -496,6 +526,21 @@ def validate(cfg: Config, world_size: int) -> None:
             f"lr_scaling={cfg.lr_scaling} needs reference_batch_size: the global batch the learning rates were tuned for"
         )
     one_of("mixed_precision", cfg.mixed_precision, MIXED_PRECISIONS)
+    one_of("compile_mode", cfg.compile_mode, COMPILE_MODES)
+    one_of("compile_dynamic", cfg.compile_dynamic, COMPILE_DYNAMIC)
+    if cfg.compile_mode != "default" and cfg.compile_backend != "inductor":
+        raise ConfigError(
+            f"compile_mode={cfg.compile_mode} is an inductor mode and compile_backend={cfg.compile_backend}; "
+            "use compile_backend=inductor or compile_mode=default"
+        )
+    at_least("activation_checkpointing_every", cfg.activation_checkpointing_every, 1)
+    at_least("profile_start", cfg.profile_start, 0)
+    at_least("profile_steps", cfg.profile_steps, 1)
+    if cfg.profile and cfg.profile_start + cfg.profile_steps > cfg.steps:
+        raise ConfigError(
+            f"profile_start={cfg.profile_start} + profile_steps={cfg.profile_steps} exceeds steps={cfg.steps}: "
+            "the recorded steps would not all run; lower them"
+        )
     at_least("eval_every", cfg.eval_every, 0)
     at_least("log_every", cfg.log_every, 1)
     at_least("checkpoint_every", cfg.checkpoint_every, 0)

@@ -63,6 +63,12 @@ class Meter:
         self.data_wait = 0.0  # this process's seconds blocked on data in the interval
         self.started = time.perf_counter()
         self.run_data_wait = 0.0  # this process's seconds blocked on data in the whole run
+        self.run_samples = 0
+        self.run_tokens = torch.zeros((), dtype=torch.float64)  # a tensor: no device sync per step
+        # Set once the run's first step was counted (disttrain.speed.flops): model FLOPs per global
+        # sample, and the peak FLOP/s of all devices together where it is known.
+        self.flops_per_sample = 0.0
+        self.peak_flops: float | None = None
 
     def add(self, result: StepResult) -> None:
         pairs: Pairs = {}
@@ -74,6 +80,10 @@ class Meter:
         self.samples += result.samples
         self.data_wait += result.data_wait_s
         self.run_data_wait += result.data_wait_s
+        self.run_samples += result.samples
+        for (_, term), pair in pairs.items():
+            if term == "tokens":
+                self.run_tokens = self.run_tokens + pair[1].detach().to("cpu", non_blocking=True)
         self.steps += 1
 
     def report(self, groups: Sequence[OptimizerGroup], last: StepResult) -> dict[str, float]:
@@ -84,6 +94,7 @@ class Meter:
         report["samples_per_s"] = self.samples / elapsed
         if tokens:
             report["tokens_per_s"] = tokens / elapsed
+        report.update(self._compute(self.samples / elapsed))
         report["step_time_s"] = elapsed / self.steps
         # The mean over processes: each waits on its own workers, and all wait for the slowest at the
         # window's first collective, so a high share anywhere idles every device.
@@ -101,6 +112,24 @@ class Meter:
         self.interval, self.samples, self.steps, self.data_wait = {}, 0, 0, 0.0
         self.started = time.perf_counter()
         return report
+
+    def _compute(self, samples_per_s: float) -> dict[str, float]:
+        """Achieved model FLOP/s over all processes, and MFU where the devices' peak is known."""
+        if not self.flops_per_sample:
+            return {}
+        flops_per_s = self.flops_per_sample * samples_per_s
+        out = {"flops_per_s": flops_per_s}
+        if self.peak_flops:
+            out["mfu"] = flops_per_s / self.peak_flops
+        return out
+
+    def run_throughput(self, seconds: float) -> dict[str, float]:
+        """The whole run's samples/s, tokens/s (recipes with a token loss), FLOP/s and MFU."""
+        seconds = max(seconds, 1e-9)
+        out = {"samples_per_s": self.run_samples / seconds}
+        if float(self.run_tokens):
+            out["tokens_per_s"] = float(self.run_tokens) / seconds
+        return {**out, **self._compute(out["samples_per_s"])}
 
     def final_losses(self) -> dict[str, float]:
         """The losses over all items of the last FINAL_STEPS steps (a collective)."""

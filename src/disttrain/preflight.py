@@ -9,6 +9,7 @@ without changing it. `train.py` calls `config_or_exit`: one line per run for any
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from dataclasses import fields, is_dataclass
@@ -45,6 +46,7 @@ def resolve_config(argv: list[str], world_size: int | None = None) -> Config:
     check_fsdp(cfg)
     check_launcher_env(cfg)
     check_device_support(cfg, world)
+    check_compile(cfg)
     check_output_dir(cfg)
     return cfg
 
@@ -127,6 +129,24 @@ def check_fsdp(cfg: Config) -> None:
             "fsdp.cpu_offload=true needs GPUs: on this CPU machine the sharded state already lives in CPU memory; "
             "set fsdp.cpu_offload=false"
         )
+
+
+def check_compile(cfg: Config) -> None:
+    """A backend torch knows, and for inductor on CPU the C++ compiler it generates code for."""
+    if not cfg.compile:
+        return
+    import torch
+
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if cfg.compile_backend not in backends:
+        raise ConfigError(f"compile_backend={cfg.compile_backend} is not one of: {', '.join(sorted(backends))}")
+    if cfg.compile_backend == "inductor" and not torch.cuda.is_available():
+        compiler = os.environ.get("CXX", "g++")
+        if shutil.which(compiler) is None:
+            raise ConfigError(
+                f"compile=true with compile_backend=inductor on CPU generates C++ and needs a compiler ({compiler} "
+                "is not on PATH): install g++, or set compile_backend=aot_eager (no code generation)"
+            )
 
 
 def check_output_dir(cfg: Config) -> None:

@@ -29,6 +29,48 @@ def startup_line(
     )
 
 
+def speed_lines(cfg: Config, checkpointed_blocks: int, run_dir: str) -> list[str]:
+    """What the speed features will do, said before the first step (a compilation is a long pause)."""
+    lines = []
+    if cfg.compile:
+        mode = f", mode {cfg.compile_mode}" if cfg.compile_mode != "default" else ""
+        lines.append(
+            f"compile: models compiled with torch.compile ({cfg.compile_backend}{mode}, dynamic {cfg.compile_dynamic}); "
+            "the first step runs eagerly to count the model FLOPs, the second compiles (tens of seconds on CPU with "
+            "inductor, minutes for large models), the third may compile again for other shapes; each step that "
+            "compiles is reported"
+        )
+    if cfg.activation_checkpointing:
+        lines.append(
+            f"activation checkpointing: {checkpointed_blocks} block(s) recompute their activations in backward "
+            f"(every {cfg.activation_checkpointing_every}. block)"
+        )
+    if cfg.profile:
+        first, last = cfg.profile_start + 1, cfg.profile_start + cfg.profile_steps
+        who = "every process" if cfg.profile_all_processes else "the main process"
+        lines.append(
+            f"profile: steps {first} to {last} of this run recorded on {who} into {run_dir}/profile "
+            "(open the .pt.trace.json in https://ui.perfetto.dev)"
+        )
+    return lines
+
+
+def compile_line(step: int, graphs: int, compile_s: float, step_s: float) -> str:
+    return f"step {step}: compiled {graphs} graph(s) in {compile_s:.1f}s; the step took {step_s:.1f}s"
+
+
+def throughput_phrase(throughput: dict[str, float]) -> str:
+    """samples/s, tokens/s, FLOP/s and MFU, those the run has."""
+    parts = [f"{throughput['samples_per_s']:.1f} samples/s"]
+    if "tokens_per_s" in throughput:
+        parts.append(f"{throughput['tokens_per_s']:.0f} tokens/s")
+    if "flops_per_s" in throughput:
+        parts.append(f"{throughput['flops_per_s'] / 1e9:.3g} GFLOP/s")
+    if "mfu" in throughput:
+        parts.append(f"MFU {throughput['mfu']:.1%}")
+    return ", ".join(parts)
+
+
 def final_line(
     steps_run: int,
     seconds: float,
@@ -39,10 +81,13 @@ def final_line(
     nonfinite_steps: int,
     data_wait_share: float,
     where: str,
+    throughput: dict[str, float] | None = None,
 ) -> str:
     last = min(steps_run, FINAL_STEPS)
     return (
-        f"done: {steps_run} steps in {seconds:.1f}s ({steps_run / max(seconds, 1e-9):.2f} steps/s)"
+        f"done: {steps_run} steps in {seconds:.1f}s ({steps_run / max(seconds, 1e-9):.2f} steps/s"
+        + (f", {throughput_phrase(throughput)}" if throughput else "")
+        + ")"
         + (f" after resuming at step {resumed_at}" if resumed_at is not None else "")
         + (f", final {format_losses(losses)} (mean over all items of the last {last} steps)" if losses else "")
         + (f", {quality}" if quality else "")

@@ -49,7 +49,11 @@ from disttrain.preemption import (
 from disttrain.recipe import Phase, Recipe, build_recipe
 from disttrain.rundir import RunDirError, make_run_dir, release_lock, write_run_config, write_status
 from disttrain.safe_files import CheckpointError
-from disttrain.summary import final_line, startup_line, warn_batchnorm
+from disttrain.speed.activation_checkpointing import checkpoint_blocks
+from disttrain.speed.compiling import Compilation, compile_models, compiled_graphs
+from disttrain.speed.flops import counting_flops, device_peak_flops
+from disttrain.speed.profiling import profiled
+from disttrain.summary import compile_line, final_line, speed_lines, startup_line, warn_batchnorm
 from disttrain.tracking import Tracking
 from disttrain.weights import write_weights
 
@@ -86,8 +90,12 @@ class Trainer:
         warn_batchnorm(self.recipe.models, cfg, self.world_size, self.accumulation)
         if cfg.sync_batchnorm and self.world_size > 1:
             self.recipe.models = {k: nn.SyncBatchNorm.convert_sync_batchnorm(m) for k, m in self.recipe.models.items()}
+        # Blocks are checkpointed before the engine wraps them, models compiled after (speed/).
+        self.checkpointed_blocks = self._checkpoint_activations()
         self.engine.block_classes = self.recipe.shard_blocks
         self.engine.wrap(self.recipe.models, self.recipe.groups)
+        if cfg.compile:
+            compile_models(self.recipe.models, cfg)
         self.models, self.groups = self.engine.models, self.engine.groups
         self.sampler = WindowSampler(self.recipe.num_train, cfg.global_batch_size, cfg.micro_batch_size, cfg.seed)
         self.run_dir, taken_over = make_run_dir(cfg, self.engine)
@@ -176,6 +184,42 @@ class Trainer:
             phase.after_update()
         return update
 
+    def _measured_step(self, step: int, batches: Iterator[Loaded], meter: Meter) -> StepResult:
+        """One optimizer step. The run's first counts the model FLOPs (once: for FLOP/s and MFU), and
+        runs eagerly to do so: Dynamo does not compile under the counting mode, and would never try that
+        code again. A step that compiles says what it cost (the first compiled one, a recompilation)."""
+        compilation = Compilation().start() if self.cfg.compile else None
+        if step != self.start_step:
+            result = self.train_step(step, batches)
+        else:
+            eager = torch.compiler.set_stance("force_eager") if self.cfg.compile else contextlib.nullcontext()
+            with eager, counting_flops() as counted:
+                result = self.train_step(step, batches)
+            local = torch.tensor([float(counted.total)], dtype=torch.float64, device=self.engine.device)
+            meter.flops_per_sample = float(self.engine.reduce_sum(local)[0]) / max(result.samples, 1)
+            peak = device_peak_flops(self.engine.device)
+            meter.peak_flops = peak * self.world_size if peak else None
+        if compilation is not None and compilation.stop().graphs:
+            self.say(compile_line(step + 1, compilation.graphs, compilation.seconds, compilation.wall_seconds))
+        return result
+
+    def _checkpoint_activations(self) -> int:
+        cfg = self.cfg
+        if not cfg.activation_checkpointing:
+            return 0
+        if not self.recipe.shard_blocks:
+            raise ConfigError(
+                f"activation_checkpointing=true: recipe {cfg.recipe} names no blocks (Recipe.shard_blocks, e.g. its "
+                "Transformer layer classes) to checkpoint; name them in the recipe, or set activation_checkpointing=false"
+            )
+        blocks = checkpoint_blocks(self.recipe.models, self.recipe.shard_blocks, cfg.activation_checkpointing_every)
+        if not blocks:
+            raise ConfigError(
+                f"activation_checkpointing_every={cfg.activation_checkpointing_every} exceeds the number of blocks "
+                "of every model: nothing would be checkpointed; lower it"
+            )
+        return blocks
+
     def _check_no_stray_gradients(self, phase: Phase) -> None:
         """Gradients in a model this phase does not train would leak into that model's next update."""
         for name, model in self.models.items():
@@ -191,6 +235,8 @@ class Trainer:
         cfg = self.cfg
         epochs = self.recipe.data_steps(cfg.steps) / self.sampler.steps_per_epoch
         self.say(startup_line(cfg, self.world_size, self.accumulation, self.groups, epochs, self.run_dir))
+        for line in speed_lines(cfg, self.checkpointed_blocks, self.run_dir):
+            self.say(line)
         self.progress = tqdm(
             total=cfg.steps,
             initial=self.start_step,
@@ -204,9 +250,11 @@ class Trainer:
             self._tracking_closed(),
             self.progress,
             self._micro_batches() as batches,
+            self._profiled() as profiler,
         ):
             for step in range(self.start_step, cfg.steps):
-                result = self.train_step(step, batches)
+                result = self._measured_step(step, batches, meter)  # train_step, FLOPs counted once
+                profiler.step()
                 if result.halted:
                     self._halt_on_nonfinite(step, result)
                 done = self.step = step + 1
@@ -245,9 +293,17 @@ class Trainer:
                 self.nonfinite_steps,
                 data_wait_share,
                 f"weights in {', '.join(weights)}" if weights else f"run directory {self.run_dir}",
+                meter.run_throughput(train_time),
             )
         )
+        if cfg.compile:
+            self.say(f"compile: {compiled_graphs()} graph(s) compiled in this process, evaluation included")
         return metrics
+
+    def _profiled(self) -> contextlib.AbstractContextManager:
+        cfg = self.cfg
+        enabled = cfg.profile and (self.engine.is_main_process or cfg.profile_all_processes)
+        return profiled(enabled, cfg.profile_start, cfg.profile_steps, self.run_dir, self.rank)
 
     @contextlib.contextmanager
     def _micro_batches(self) -> Iterator[Iterator[Loaded]]:
@@ -295,6 +351,8 @@ class Trainer:
         self.tracking.log(
             {**report, "overflow_steps": self.overflow_steps, "nonfinite_steps": self.nonfinite_steps}, step=step
         )
+        if self.cfg.compile:  # a recompilation mid-run shows here (a new shape, a graph break)
+            self.tracking.log({"compiled_graphs": compiled_graphs()}, step=step)
 
     # ------------------------------------------------------------------ checkpoints and stopping
 
