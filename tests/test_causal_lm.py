@@ -340,6 +340,14 @@ def test_refusals_name_the_key_and_the_fix(tmp_path, monkeypatch):
         resolve_config(["recipe=causal_lm"], world_size=1)
 
 
+@pytest.mark.parametrize(("model", "block"), [("gpt2", "GPT2Block"), ("llama", "LlamaDecoderLayer")])
+def test_the_decoder_layers_are_the_blocks_fsdp_shards(model, block):
+    """From the model's `_no_split_modules`, whatever the architecture."""
+    _, prepared, _ = corpus()
+    recipe = build_recipe(resolve_config(tiny(prepared, f"causal_lm.model={model}"), world_size=1))
+    assert [c.__name__ for c in recipe.shard_blocks] == [block]
+
+
 # --------------------------------------------------------------------------- the exact update
 
 
@@ -381,14 +389,19 @@ def reference(data: str, packing: bool) -> dict:
 
 def train_cases(data: str, cases: list[tuple[bool, str]], output_dir: str) -> dict:
     """On every rank: each (packing, engine) case trained STEPS steps on SAMPLES samples, 2 processes x
-    micro-batches of 2; DDP in float64 (gradients at every boundary), DeepSpeed in float32 (weights).
-    Also the peers' scaling (each micro-batch's mean loss / the accumulation count) on DDP."""
+    micro-batches of 2; DDP and FSDP2 in float64 (whole gradients at every boundary), DeepSpeed in
+    float32 (weights). Also the peers' scaling (each micro-batch's mean loss / the accumulation count)
+    on DDP, and under FSDP2 the units and whether GPT-2's output layer still shares the embedding."""
+    from torch.distributed.fsdp import FSDPModule
+
     from disttrain.config import world_size_from_env
     from disttrain.trainer import Trainer
+    from disttrain.weights import shared_names
+    from tests.workers import FSDP_MODES, whole
 
     out = {}
     for packing, engine in cases:
-        extra = [] if engine == "ddp" else [f"deepspeed_config={engine}"]
+        extra = FSDP_MODES.get(engine, [f"deepspeed_config={engine}"])
         cfg = resolve_config(
             tiny(
                 data,
@@ -406,7 +419,7 @@ def train_cases(data: str, cases: list[tuple[bool, str]], output_dir: str) -> di
         )
         set_seed(cfg.seed)
         recipe = build_recipe(cfg)
-        if engine == "ddp":
+        if engine in FSDP_MODES:  # float64: DDP and FSDP2
             recipe.models["model"].double()
         trainer = Trainer(cfg, recipe)
         trainer.sampler = WindowSampler(SAMPLES, GLOBAL_BATCH, 2, cfg.seed)
@@ -419,16 +432,29 @@ def train_cases(data: str, cases: list[tuple[bool, str]], output_dir: str) -> di
             )
             trainer.backward_window(phase)
             grads.append(
-                {
-                    f"model.{n}": p.grad.detach().double().clone()
-                    for n, p in recipe.models["model"].named_parameters()
-                    if p.grad is not None
-                }
+                whole(
+                    {
+                        f"model.{n}": p.grad.detach().double()
+                        for n, p in recipe.models["model"].named_parameters()
+                        if p.grad is not None
+                    }
+                )
             )
             trainer.optimizer_step(phase)
-        with trainer.engine.full_weights(recipe.models["model"]):
-            params = {f"model.{n}": p.detach().double().clone() for n, p in recipe.models["model"].named_parameters()}
-        out[(packing, engine)] = {"grads": grads, "params": params, "items": items}
+        model = recipe.models["model"]
+        with trainer.engine.full_weights(model):
+            params = {f"model.{n}": p.detach().double().clone() for n, p in model.named_parameters()}
+            # What write_weights stores: under FSDP2 the main process's whole tensors, each shared one once.
+            state = model.state_dict()
+            aliases = shared_names(state) if trainer.rank == 0 else None
+        out[(packing, engine)] = {
+            "grads": grads,
+            "params": params,
+            "items": items,
+            "units": [type(m).__name__ for m in model.modules() if isinstance(m, FSDPModule)],
+            "tied": model.get_output_embeddings().weight is model.get_input_embeddings().weight,
+            "aliases": aliases,
+        }
         if engine == "ddp":
             out[(packing, "naive")] = naive_first_window(cfg, data, trainer)
     return out
@@ -458,8 +484,12 @@ def engines() -> list[str]:
     try:
         import deepspeed  # noqa: F401
     except ImportError:
-        return ["ddp"]
-    return ["ddp", "configs/deepspeed/zero2.json"]
+        return ["ddp", *FSDP]
+    return ["ddp", *FSDP, ZERO2]
+
+
+ZERO2 = "configs/deepspeed/zero2.json"
+FSDP = ["fsdp", "fsdp_every"]  # modes of tests.workers.FSDP_MODES: sync once per window, after every micro-batch
 
 
 CASES = [(packing, engine) for packing in (False, True) for engine in engines()]
@@ -506,13 +536,32 @@ def test_per_micro_batch_means_fail_the_reference(packing):
         assert_same(naive, whole_batch(packing)["grads"][0], "naive", 1e-6, 1e-9)
 
 
-@pytest.mark.skipif(len(engines()) == 1, reason="DeepSpeed is an extra: make install EXTRAS=deepspeed")
+@pytest.mark.parametrize("mode", FSDP)
+@pytest.mark.parametrize("packing", [False, True], ids=["windows", "packed"])
+def test_fsdp2_update_equals_the_whole_batch_reference_and_keeps_the_tie(packing, mode):
+    """Each GPT2Block its own unit (the recipe's shard_blocks), the embeddings, final norm and the
+    output layer tied to the input embedding in the model's; the same float64 reference as DDP."""
+    ref = whole_batch(packing)
+    for rank, results in enumerate(distributed()):
+        got = results[(packing, mode)]
+        assert got["units"] == ["FSDPGPT2LMHeadModel", "FSDPGPT2Block", "FSDPGPT2Block"], got["units"]
+        # The uneven token counts test_the_cases_have_uneven_token_counts checks on DDP.
+        assert got["items"] == results[(packing, "ddp")]["items"]
+        assert got["tied"], f"rank {rank}: lm_head.weight is no longer transformer.wte.weight under fully_shard"
+        if rank == 0:
+            assert got["aliases"] == {"lm_head.weight": "transformer.wte.weight"}, "the weights file keeps the tie"
+        for step in range(STEPS):
+            assert_same(got["grads"][step], ref["grads"][step], f"rank {rank} step {step} gradient", 1e-9, 1e-12)
+        assert_same(got["params"], ref["params"], f"rank {rank} weights after {STEPS} steps", 1e-9, 1e-11)
+
+
+@pytest.mark.skipif(ZERO2 not in engines(), reason="DeepSpeed is an extra: make install EXTRAS=deepspeed")
 @pytest.mark.parametrize("packing", [False, True], ids=["windows", "packed"])
 def test_deepspeed_zero2_update_equals_the_whole_batch_reference(packing):
     # float32 engines against the float64 reference: a wrong scale or a missed step is off by O(1).
     for results in distributed():
         assert_same(
-            results[(packing, "configs/deepspeed/zero2.json")]["params"],
+            results[(packing, ZERO2)]["params"],
             whole_batch(packing)["params"],
             "ZeRO 2",
             1e-4,

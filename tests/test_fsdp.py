@@ -23,6 +23,12 @@ ACCUMULATION = 3
 # token counts across processes and two optimizers (encoder, decoder) on one sharded model.
 CASES = [(r, "short", ACCUMULATION, m) for r in ("classifier", "seq2seq") for m in ("fsdp", "fsdp_every")]
 CASES += [("classifier", "short", ACCUMULATION, "ddp"), ("seq2seq", "short", 1, "fsdp_keep")]
+# Accumulation 4 with a tiny second window: 3 samples, fewer than processes x micro-batch (2 x 6), so
+# one micro-step in which rank 0 has 2 samples and rank 1 one.
+CASES += [("classifier", "tiny", 4, m) for m in ("fsdp", "fsdp_every")]
+# On 4 processes (micro-batches of 3): in the tiny window ranks 0 to 2 have one sample each, rank 3 a
+# weight-0 stand-in; the short one (13 samples, micro-batches of 4) spreads 4, 3, 3, 3 in one micro-step.
+WORLD_4 = [("classifier", w, a, m) for w, a in (("tiny", 4), ("short", ACCUMULATION)) for m in ("fsdp", "fsdp_every")]
 # Both GAN models sharded (one unit each); D frozen while G trains through it.
 GAN_CASE = ("gan", "short", ACCUMULATION, "fsdp")
 
@@ -34,15 +40,24 @@ def results() -> dict:
 
 
 @functools.cache
+def results_world_4() -> dict:
+    with tempfile.TemporaryDirectory() as out:
+        return run_distributed(run_fsdp_cases, 4, WORLD_4, out, STEPS, timeout=300)
+
+
+@functools.cache
 def reference(recipe: str, window: str) -> dict:
     with tempfile.TemporaryDirectory() as out:
         return reference_run(case_config(recipe, window, 1, 1, out, STEPS), STEPS)
 
 
-@pytest.mark.parametrize("case", CASES, ids=["-".join(map(str, c)) for c in CASES])
-def test_fsdp_update_equals_whole_batch_reference(case):
+WORLDS = [(2, c) for c in CASES] + [(4, c) for c in WORLD_4]
+
+
+@pytest.mark.parametrize(("world", "case"), WORLDS, ids=[f"w{w}-" + "-".join(map(str, c)) for w, c in WORLDS])
+def test_fsdp_update_equals_whole_batch_reference(world, case):
     ref = reference(case[0], case[1])
-    for rank, ranks in enumerate(results()):
+    for rank, ranks in enumerate(results() if world == 2 else results_world_4()):
         got = ranks[case]
         for step in range(STEPS):
             assert_same(got["grads"][step], ref["grads"][step], f"rank {rank} step {step} gradient", 1e-9, 1e-12)
@@ -89,6 +104,17 @@ def test_one_reduce_scatter_round_per_window(recipe):
 def test_memory_mode_reduce_scatters_every_micro_batch(recipe):
     rounds = results()[0][(recipe, "short", ACCUMULATION, "fsdp_every")]["rounds"]
     assert rounds == [[UNITS_WITH_PARAMETERS[recipe]] * n for n in (ACCUMULATION, 1, ACCUMULATION)]
+
+
+@pytest.mark.parametrize(("world", "mode"), [(w, m) for w in (2, 4) for m in ("fsdp", "fsdp_every")])
+def test_a_tiny_window_reduces_once_per_unit_with_stand_ins_on_every_process(world, mode):
+    """Windows of 4, 1 and 4 micro-steps; every process runs the tiny window's one micro-step (rank 3
+    of 4 on a stand-in), or the reduce-scatter would wait for it."""
+    for ranks in results() if world == 2 else results_world_4():
+        rounds = ranks[("classifier", "tiny", 4, mode)]["rounds"]
+        assert [len(r) for r in rounds] == [4, 1, 4]
+        units = UNITS_WITH_PARAMETERS["classifier"]
+        assert rounds == [[units] * len(r) if mode == "fsdp_every" else [0] * (len(r) - 1) + [units] for r in rounds]
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,9 @@
 """The sbatch scripts in slurm/ on a real two-node SLURM cluster (tests/slurm_cluster.py).
 
-Two nodes train together to the weights of one process, with the DDP and a DeepSpeed config. A job
-that Slurm warns before its time limit (SIGUSR1) and then preempts (SIGTERM) checkpoints, is
-requeued, resumes each time, and ends bit-identical to a job never stopped. The scripts run unchanged, with the knobs a user sets on the
-sbatch line: CPU processes, one per (fake) GPU.
+Two nodes train together to the weights of one process, with the DDP, a DeepSpeed and the FSDP2
+config. A job that Slurm warns before its time limit (SIGUSR1) and then preempts (SIGTERM)
+checkpoints, is requeued, resumes each time, and ends bit-identical to a job never stopped. The
+scripts run unchanged, with the knobs a user sets on the sbatch line: CPU processes, one per (fake) GPU.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 if TYPE_CHECKING:
@@ -68,11 +69,16 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def two_nodes(slurm_cluster: SlurmCluster, tmp_path_factory) -> tuple[dict[str, Job], Path]:
-    """The multi-node script on both nodes, never interrupted, with the DDP and a DeepSpeed config
-    side by side (each node has two fake GPUs); meanwhile one process with the same settings.
-    Returns the jobs by engine and the one process's run directory."""
+    """The multi-node script on both nodes, never interrupted, with the DDP, a DeepSpeed and the FSDP2
+    config (each node has two fake GPUs: the third job starts when one of the first two ends);
+    meanwhile one process with the same settings. Returns the jobs by engine and the one process's
+    run directory."""
     submitted = {}
-    for engine, env in (("ddp", {}), ("zero2", {"ACCELERATE_CONFIG": "configs/accelerate/deepspeed_zero2.yaml"})):
+    for engine, env in (
+        ("ddp", {}),
+        ("zero2", {"ACCELERATE_CONFIG": "configs/accelerate/deepspeed_zero2.yaml"}),
+        ("fsdp2", {"ACCELERATE_CONFIG": "configs/accelerate/fsdp2.yaml"}),
+    ):
         workdir = tmp_path_factory.mktemp(f"two_nodes_{engine}")
         # A space in an argument: it reaches train.py as one argument through sbatch, srun and the launcher.
         runs = workdir / "two nodes"
@@ -96,7 +102,7 @@ def two_nodes(slurm_cluster: SlurmCluster, tmp_path_factory) -> tuple[dict[str, 
     return jobs, workdir / "one"
 
 
-@pytest.mark.parametrize("engine", ["ddp", "zero2"])
+@pytest.mark.parametrize("engine", ["ddp", "zero2", "fsdp2"])
 def test_two_nodes_train_together_like_one_process(slurm_cluster: SlurmCluster, two_nodes, engine) -> None:
     jobs, one = two_nodes
     job = jobs[engine]
@@ -107,8 +113,10 @@ def test_two_nodes_train_together_like_one_process(slurm_cluster: SlurmCluster, 
     assert "2 process(es) x micro-batch 4 x accumulation 2 = global batch 16" in log, log
     # One run directory for the whole job, named after it, none per node or per process.
     assert os.listdir(job.run_dir.parent) == [job.run_dir.name], log
-    deepspeed = "deepspeed_config: configs/deepspeed/zero2.json" in (job.run_dir / "config.yaml").read_text()
-    assert deepspeed == (engine == "zero2"), "the run used the engine of the launcher's config"
+    config = OmegaConf.load(job.run_dir / "config.yaml")
+    # The run used the engine of the launcher's config.
+    assert config.deepspeed_config == ("configs/deepspeed/zero2.json" if engine == "zero2" else ""), config
+    assert config.fsdp.enabled == (engine == "fsdp2"), config
 
     two, single = weights(job.run_dir), weights(one)
     assert two.keys() == single.keys()

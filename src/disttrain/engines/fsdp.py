@@ -185,7 +185,9 @@ class FSDPEngine(Engine):
         several names stays one tensor, so that weight files keep the tie."""
         full: dict[str, torch.Tensor] = {}
         seen: dict[int, torch.Tensor] = {}
-        for key, value in module.state_dict().items():
+        # keep_vars: the parameters themselves, one object for a shared one (state_dict() would detach
+        # each name into its own DTensor, and each would gather into its own full tensor).
+        for key, value in module.state_dict(keep_vars=True).items():
             if id(value) not in seen:
                 whole = value.full_tensor() if isinstance(value, DTensor) else value
                 seen[id(value)] = whole.detach().cpu() if self.is_main_process else whole.new_empty(0)

@@ -51,9 +51,23 @@ class FlopCount:
 @contextlib.contextmanager
 def counting_flops() -> Iterator[FlopCount]:
     """FLOPs of the operations run inside the block, in `.total` after it."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from torch.utils.flop_counter import FlopCounterMode, _FlopCounterMode
+
+    class TotalOnly(FlopCounterMode):
+        # FlopCounterMode also attributes FLOPs to modules, with autograd hooks on their outputs that
+        # make torch.autograd.grad inside the step fail ("A leaf node was passed to
+        # _will_engine_execute_node"): the GAN's R1 penalty takes one. Only the total is needed.
+        def __enter__(self) -> FlopCounterMode:
+            self.flop_counts.clear()
+            self.mode = _FlopCounterMode(self)
+            self.mode.__enter__()
+            return self
+
+        def __exit__(self, *args: object) -> None:
+            self.mode.__exit__(*args)
+            self.mode = None
 
     count = FlopCount()
-    with FlopCounterMode(display=False) as counter:
+    with TotalOnly(display=False) as counter:
         yield count
     count.total = int(counter.get_total_flops())

@@ -72,6 +72,13 @@ def build_model(c: CausalLMConfig, vocab_size: int, bos: int) -> nn.Module:
     return model
 
 
+def block_classes(model: nn.Module) -> tuple[type[nn.Module], ...]:
+    """The model's decoder layer classes (GPT2Block, LlamaDecoderLayer): those its `_no_split_modules`
+    names, which transformers keeps whole when it places a model; FSDP makes each one a unit."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    return tuple(dict.fromkeys(type(m) for m in model.modules() if type(m).__name__ in names))
+
+
 class CausalLMRecipe(Recipe):
     terms = ("tokens",)
 
@@ -88,6 +95,7 @@ class CausalLMRecipe(Recipe):
         model = build_model(c, int(self.meta["vocab_size"]), int(self.meta["bos_token"]))
         group = build_group(MODEL, model.parameters(), c.optimizer, cfg.steps, lr_multiplier(cfg))
         super().__init__({MODEL: model}, [group])
+        self.shard_blocks = block_classes(model)  # per architecture, so per instance
         self._tokenizer: Any = None
 
     def item_counts(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
