@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 SGD = [f"seq2seq.{part}.{key}" for part in ("encoder", "decoder") for key in ("name=sgd", "momentum=0.9", "lr=0.05")]
 # Clipping off: DeepSpeed clips one norm per model, the DDP path one per optimizer.
 NO_CLIP = ["seq2seq.encoder.clip_grad_norm=0", "seq2seq.decoder.clip_grad_norm=0"]
-STEPS = 100  # enough that a signal sent at the first step arrives long before the last
+STEPS = 300  # enough that a signal sent at the first step, and the preemption after the resume, arrive long before the last (about 100 steps/s)
 TRAIN = ("config=configs/debug.yaml", f"steps={STEPS}", "log_every=1", "progress_bar=false", *SGD, *NO_CLIP)
 # The fake GPUs make a process each: one per node here, as a user sets the knobs on the sbatch line.
 TWO_NODES = ("--nodes=2", "--gpus-per-node=1", "--cpus-per-task=1", "--time=10")
