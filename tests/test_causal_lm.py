@@ -508,6 +508,7 @@ def whole_batch(packing: bool) -> dict:
     return reference(prepared, packing)
 
 
+@pytest.mark.slow  # one 2-process group for these: the full suite runs it
 @pytest.mark.parametrize("packing", [False, True], ids=["windows", "packed"])
 def test_ddp_update_equals_the_whole_batch_reference(packing):
     ref = whole_batch(packing)
@@ -519,6 +520,7 @@ def test_ddp_update_equals_the_whole_batch_reference(packing):
         assert_same(got["params"], ref["params"], f"rank {rank} weights after {STEPS} steps", 1e-9, 1e-11)
 
 
+@pytest.mark.slow  # one 2-process group for these: the full suite runs it
 @pytest.mark.parametrize("packing", [False, True], ids=["windows", "packed"])
 def test_the_cases_have_uneven_token_counts(packing):
     """Guards the comparison: tokens differ between the processes and between micro-batches."""
@@ -529,6 +531,7 @@ def test_the_cases_have_uneven_token_counts(packing):
         assert len(set(per_rank)) > 1 and len(set(per_micro)) > 1, (step, per_rank, per_micro)
 
 
+@pytest.mark.slow  # one 2-process group for these: the full suite runs it
 @pytest.mark.parametrize("packing", [False, True], ids=["windows", "packed"])
 def test_per_micro_batch_means_fail_the_reference(packing):
     naive = distributed()[0][(packing, "naive")]["grads"][0]
@@ -536,6 +539,7 @@ def test_per_micro_batch_means_fail_the_reference(packing):
         assert_same(naive, whole_batch(packing)["grads"][0], "naive", 1e-6, 1e-9)
 
 
+@pytest.mark.slow  # one 2-process group for these: the full suite runs it
 @pytest.mark.parametrize("mode", FSDP)
 @pytest.mark.parametrize("packing", [False, True], ids=["windows", "packed"])
 def test_fsdp2_update_equals_the_whole_batch_reference_and_keeps_the_tie(packing, mode):
@@ -555,6 +559,7 @@ def test_fsdp2_update_equals_the_whole_batch_reference_and_keeps_the_tie(packing
         assert_same(got["params"], ref["params"], f"rank {rank} weights after {STEPS} steps", 1e-9, 1e-11)
 
 
+@pytest.mark.slow  # one 2-process group for these: the full suite runs it
 @pytest.mark.skipif(ZERO2 not in engines(), reason="DeepSpeed is an extra: make install EXTRAS=deepspeed")
 @pytest.mark.parametrize("packing", [False, True], ids=["windows", "packed"])
 def test_deepspeed_zero2_update_equals_the_whole_batch_reference(packing):

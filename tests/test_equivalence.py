@@ -19,13 +19,16 @@ WORLDS = (1, 2, 4)
 ACCUMULATIONS = (1, 3, 4)
 STEPS = 3
 CASES = list(itertools.product(RECIPES, WINDOWS, ACCUMULATIONS))
+# Activation checkpointing recomputes a block's forward inside backward, where no_sync must still
+# hold: on 2 processes; 1 and 4 add nothing for it.
+RUN = {w: [c for c in CASES if c[0] != "seq2seq_ac" or w == 2] for w in WORLDS}
 
 
 @functools.cache
 def distributed(world_size: int) -> dict:
     """Every case of one world size in one process group (spawning is the expensive part)."""
     with tempfile.TemporaryDirectory() as out:
-        results = run_distributed(run_cases, world_size, CASES, out, STEPS)
+        results = run_distributed(run_cases, world_size, RUN[world_size], out, STEPS)
     return results
 
 
@@ -44,8 +47,11 @@ def assert_same(actual: dict, expected: dict, what: str, rtol: float, atol: floa
         )
 
 
-@pytest.mark.parametrize("world_size", WORLDS, ids=[f"world{w}" for w in WORLDS])
-@pytest.mark.parametrize(("recipe", "window", "accumulation"), CASES, ids=[f"{r}-{w}-acc{a}" for r, w, a in CASES])
+@pytest.mark.parametrize(
+    ("recipe", "window", "accumulation", "world_size"),
+    [(*c, w) for w in WORLDS for c in RUN[w]],
+    ids=[f"{r}-{win}-acc{a}-world{w}" for w in WORLDS for r, win, a in RUN[w]],
+)
 def test_update_equals_whole_batch_reference(world_size, recipe, window, accumulation):
     ranks = distributed(world_size)
     ref = reference(recipe, window)

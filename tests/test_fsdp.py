@@ -17,6 +17,9 @@ from tests.reference import gan_reference_run, reference_run
 from tests.test_equivalence import assert_same
 from tests.workers import fsdp_checkpoint_run, fsdp_first_checkpoint, run_fsdp_cases
 
+# Process groups of 2 and 4 FSDP processes: the full suite runs them, make test-quick does not.
+pytestmark = pytest.mark.slow
+
 STEPS = 3
 ACCUMULATION = 3
 # The short window makes the second step's window shorter than the others; seq2seq has uneven
@@ -51,10 +54,14 @@ def reference(recipe: str, window: str) -> dict:
         return reference_run(case_config(recipe, window, 1, 1, out, STEPS), STEPS)
 
 
-WORLDS = [(2, c) for c in CASES] + [(4, c) for c in WORLD_4]
+WORLDS = [(2, c) for c in CASES] + [pytest.param(4, c, marks=pytest.mark.slow) for c in WORLD_4]
 
 
-@pytest.mark.parametrize(("world", "case"), WORLDS, ids=[f"w{w}-" + "-".join(map(str, c)) for w, c in WORLDS])
+@pytest.mark.parametrize(
+    ("world", "case"),
+    WORLDS,
+    ids=[f"w{w}-" + "-".join(map(str, c)) for w, c in ((p.values if hasattr(p, "values") else p) for p in WORLDS)],
+)
 def test_fsdp_update_equals_whole_batch_reference(world, case):
     ref = reference(case[0], case[1])
     for rank, ranks in enumerate(results() if world == 2 else results_world_4()):
@@ -106,7 +113,11 @@ def test_memory_mode_reduce_scatters_every_micro_batch(recipe):
     assert rounds == [[UNITS_WITH_PARAMETERS[recipe]] * n for n in (ACCUMULATION, 1, ACCUMULATION)]
 
 
-@pytest.mark.parametrize(("world", "mode"), [(w, m) for w in (2, 4) for m in ("fsdp", "fsdp_every")])
+@pytest.mark.parametrize(
+    ("world", "mode"),
+    [(2, m) for m in ("fsdp", "fsdp_every")]
+    + [pytest.param(4, m, marks=pytest.mark.slow) for m in ("fsdp", "fsdp_every")],
+)
 def test_a_tiny_window_reduces_once_per_unit_with_stand_ins_on_every_process(world, mode):
     """Windows of 4, 1 and 4 micro-steps; every process runs the tiny window's one micro-step (rank 3
     of 4 on a stand-in), or the reduce-scatter would wait for it."""
@@ -124,6 +135,7 @@ def checkpointed(tmp_path_factory) -> tuple[str, dict]:
     return str(out), run_distributed(fsdp_checkpoint_run, 2, str(out), 4, 2, "", "whole")[0]
 
 
+@pytest.mark.slow
 def test_sharded_checkpoint_is_written_by_every_process_and_listed(checkpointed):
     _, whole = checkpointed
     with open(f"{whole['checkpoint']}/manifest.json") as f:
@@ -134,6 +146,7 @@ def test_sharded_checkpoint_is_written_by_every_process_and_listed(checkpointed)
     assert "optimizers.pt" not in manifest["files"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 1, pytest.param(4, marks=pytest.mark.slow)], ids=["same-count", "on-1", "on-4"])
 def test_sharded_checkpoint_resumes_exactly(checkpointed, world):
     """On the same process count bit for bit; on another within float64 rounding (DCP re-shards)."""
@@ -153,6 +166,7 @@ class MainProcessAlone:
         return value
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["flipped", "truncated"])
 def test_a_damaged_shard_is_refused_before_loading_naming_the_file(checkpointed, tmp_path, damage):
     """Resume checks every process's shard file against the manifest's size and sha256 first."""
@@ -176,6 +190,7 @@ def test_a_damaged_shard_is_refused_before_loading_naming_the_file(checkpointed,
     assert str(e.value) == f"checkpoint {copy} is damaged: {STATE_DIR}/__1_0.distcp {reason}"
 
 
+@pytest.mark.slow
 def test_export_turns_the_shards_into_the_checkpoints_full_weights(checkpointed, tmp_path, capsys):
     """One process, no process group: the DCP shards of 2 processes become the weights the run wrote."""
     import torch.distributed as dist
@@ -193,6 +208,7 @@ def test_export_turns_the_shards_into_the_checkpoints_full_weights(checkpointed,
     assert_same(exported, read_weights(f"{whole['checkpoint']}/models/{written[0]}"), "export", 0, 0)
 
 
+@pytest.mark.slow
 def test_export_refuses_metadata_that_names_other_code(checkpointed, tmp_path):
     """DCP's metadata is a pickle: one that would construct anything but DCP's records is refused."""
     import pickle
@@ -207,6 +223,7 @@ def test_export_refuses_metadata_that_names_other_code(checkpointed, tmp_path):
         main([str(tmp_path / STATE_DIR), str(tmp_path / "out")])
 
 
+@pytest.mark.slow
 def test_first_checkpoint_under_fsdp_handles_dtensors(tmp_path):
     """The space estimate before a first checkpoint looks for tied tensors among sharded ones."""
     run_distributed(fsdp_first_checkpoint, 1, str(tmp_path))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -100,6 +101,7 @@ def reference(path: str, initial: dict[str, torch.Tensor], seed: int = 0) -> dic
     return {f"model.{k}": v.detach() for k, v in model.named_parameters()}
 
 
+@pytest.mark.slow
 def test_a_local_datasets_dataset_trains_alike_on_one_and_two_processes(tmp_path):
     cache = tmp_path / "hf-cache"
     # Read by `datasets` when the spawned ranks import it: offline, and every file it writes in here.

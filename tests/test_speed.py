@@ -47,12 +47,14 @@ def assert_close(actual: dict, expected: dict, what: str, rtol: float, atol: flo
         )
 
 
+@pytest.mark.slow  # compiling takes most of a minute: not in make test-quick
 @pytest.mark.parametrize("world_size", (1, 2))
 def test_compiled_weights_equal_eager_weights(world_size):
     for rank, result in enumerate(speed(world_size)):
         assert_close(result["compiled"], result["eager"], f"rank {rank} compiled vs eager", 1e-10, 1e-12)
 
 
+@pytest.mark.slow  # compiling takes most of a minute: not in make test-quick
 def test_compiled_ddp_still_reduces_once_per_window():
     rounds = speed(2)[0]["rounds"]
     for step in range(STEPS):
@@ -66,12 +68,14 @@ def test_compiled_ddp_still_reduces_once_per_window():
         )
 
 
+@pytest.mark.slow  # compiling takes most of a minute: not in make test-quick
 @pytest.mark.parametrize("world_size", (1, 2))
 def test_variable_lengths_compile_a_bounded_number_of_graphs(world_size):
     for result in speed(world_size):
         assert 1 <= result["graphs"] <= MAX_GRAPHS, f"{result['graphs']} graphs compiled in {STEPS} steps"
 
 
+@pytest.mark.slow  # compiling takes most of a minute: not in make test-quick
 @pytest.mark.parametrize("world_size", (1, 2))
 def test_activation_checkpointing_leaves_gradients_unchanged_with_dropout(world_size):
     for rank, result in enumerate(speed(world_size)):
