@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 from bench.harness import REPO, job_parser, run_args, run_job, spread, write_result
+from bench.memory import _status_kib
 
 # Wider than the 1m model, so that the state sharding divides (parameters, gradients, Adam moments,
 # 4 bytes each per parameter) stands out from the process's fixed few hundred MiB.
@@ -38,13 +39,6 @@ SIDES: dict[str, list[str]] = {
     "fsdp": ["fsdp.enabled=true"],
     "fsdp_every": ["fsdp.enabled=true", "fsdp.sync_every_micro_batch=true"],
 }
-
-
-def _status_kib(field: str) -> int:
-    import re
-
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
 
 
 def child(side: str, steps: int, out: str) -> None:

@@ -84,3 +84,13 @@ def build_group(
         optimizer = optimizer_class(o.name)(param_groups, lr=lr, **kwargs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule_factor(step, total_steps, o))
     return OptimizerGroup(name, optimizer, scheduler, o.clip_grad_norm)
+
+
+def same_class_optimizer(template: torch.optim.Optimizer, param_groups: list[dict]) -> torch.optim.Optimizer:
+    """An optimizer of `template`'s class over `param_groups` (each keeps its own settings), built
+    with the template's `defaults` that the constructor takes: what an engine that replaces or merges
+    the parameters does. Raises TypeError when the class cannot be built that way."""
+    accepted = inspect.signature(type(template)).parameters
+    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    settings = {k: v for k, v in template.defaults.items() if open_ended or k in accepted}
+    return type(template)(param_groups, **settings)

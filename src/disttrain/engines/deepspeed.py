@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import inspect
 import os
 import socket
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ from disttrain.config import Config, ConfigError
 from disttrain.deepspeed_config import engine_config, load_user_config
 from disttrain.engines.base import Engine, build_accelerator
 from disttrain.engines.process_group import set_for_one_process
+from disttrain.optim import same_class_optimizer
 from disttrain.safe_files import CheckpointError
 
 STATE_DIR = "deepspeed"  # in a checkpoint: one folder per model, each engine's own (partitioned) files
@@ -179,11 +179,8 @@ def _one_optimizer(model: str, groups: list[OptimizerGroup]) -> torch.optim.Opti
     keeps its own settings anyway)."""
     first = groups[0].optimizer
     param_groups = [pg for g in groups for pg in g.optimizer.param_groups]
-    accepted = inspect.signature(type(first)).parameters
-    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
-    settings = {k: v for k, v in first.defaults.items() if open_ended or k in accepted}
     try:
-        return type(first)(param_groups, **settings)
+        return same_class_optimizer(first, param_groups)
     except TypeError as e:
         raise ConfigError(
             f"DeepSpeed runs one optimizer per model, and {type(first).__name__} for '{model}' cannot be rebuilt "

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import inspect
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -30,6 +29,7 @@ from torch.distributed.tensor import DTensor
 from disttrain.accumulation import OptimizerGroup, UpdateResult, WindowResult
 from disttrain.config import Config, ConfigError
 from disttrain.engines.base import Engine, build_accelerator
+from disttrain.optim import same_class_optimizer
 from disttrain.safe_files import CheckpointError, dcp_planner, dcp_reader, file_sha256
 
 STATE_DIR = "fsdp"  # in a checkpoint: torch.distributed.checkpoint's files, one per process plus its metadata
@@ -264,11 +264,8 @@ def _rebuilt_optimizer(group: OptimizerGroup, replaced: dict[int, nn.Parameter])
     if old.state:
         raise RuntimeError(f"optimizer '{group.name}' has state before FSDP wraps it; wrap before training")
     param_groups = [{**pg, "params": [replaced[id(p)] for p in pg["params"]]} for pg in old.param_groups]
-    accepted = inspect.signature(type(old)).parameters
-    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
-    settings = {k: v for k, v in old.defaults.items() if open_ended or k in accepted}
     try:
-        return type(old)(param_groups, **settings)
+        return same_class_optimizer(old, param_groups)
     except TypeError as e:
         raise ConfigError(
             f"FSDP rebuilds each optimizer over the sharded parameters, and {type(old).__name__} for "
