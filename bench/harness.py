@@ -125,6 +125,17 @@ def barrier() -> None:
         dist.barrier()
 
 
+def collective_device() -> Any:
+    """Where a tensor must be for the default group's collectives: a group of NCCL alone (Accelerate's
+    and DeepSpeed's on GPUs) takes no CPU tensor; gloo, and a group with a CPU backend, take them."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized() and torch.cuda.is_available() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def timed(fn: Callable[[], Any]) -> tuple[float, float]:
     """Wall seconds `fn` takes on the slowest process (all start together), and CPU seconds summed
     over processes. CPU time leaves out the time a process waits: descheduled by other load on
@@ -136,7 +147,9 @@ def timed(fn: Callable[[], Any]) -> tuple[float, float]:
     wall, cpu = time.perf_counter(), time.process_time()
     fn()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    wall_t, cpu_t = torch.tensor([wall], dtype=torch.float64), torch.tensor([cpu], dtype=torch.float64)
+    device = collective_device()
+    wall_t = torch.tensor([wall], dtype=torch.float64, device=device)
+    cpu_t = torch.tensor([cpu], dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(wall_t, op=dist.ReduceOp.MAX)
         dist.all_reduce(cpu_t)

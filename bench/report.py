@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from bench.harness import WORKLOADS, paired_differences, paired_ratios, spread
+from bench.results import per_section
 
 LOOP_TARGET = 0.98  # the template's speed as a fraction of the hand-written loop's, on the 1m work
 DATA_TARGET = 0.95  # the trainer with workers, as a fraction of the same trainer fed from memory
@@ -12,8 +14,13 @@ DATA_WAIT_TARGET = 0.05  # the share of its wall time the trainer with workers m
 
 
 def render(saved: dict[str, Any]) -> str:
-    env, results = saved["environment"], saved["results"]
-    out = [_header(env, saved), _summary(results)]
+    """The report of `saved` (bench/results.py's per-section form, or a results file of one run)."""
+    saved = per_section(saved)
+    results, errors, environments = saved["results"], saved["errors"], saved["environments"]
+    setups = _setups(environments)
+    # Sections from different runs (or machines) each say where they come from, under their title.
+    provenance = len(setups) > 1 or len({_run(env) for env in environments.values()}) > 1
+    out = [_header(saved, setups), _summary(results)]
     for name, section in (
         ("loop", _loop),
         ("comm", _comm),
@@ -26,11 +33,22 @@ def render(saved: dict[str, Any]) -> str:
         ("speed", _speed),
     ):
         if name in results:
-            out.append(section(results[name]))
-        elif name in saved.get("errors", {}):
-            out.append(f"## {TITLES[name]}\n\nFailed in this run: `{saved['errors'][name][-600:]}`\n")
+            text = section(results[name])
+            if name in errors:
+                text = _under_title(
+                    text,
+                    f"The last attempt to measure it again failed: `{errors[name][-600:]}`. "
+                    "The figures below are from the run before.",
+                )
+        elif name in errors:
+            text = f"## {TITLES[name]}\n\nFailed in its last run: `{errors[name][-600:]}`\n"
         elif name == "gpu":
-            out.append(_gpu({"skipped": "not run"}))
+            text = _gpu({"skipped": "not run"})
+        else:
+            continue
+        if provenance and name in environments:
+            text = _under_title(text, _measured(environments[name], saved["quick"].get(name, False), setups))
+        out.append(text)
     return "\n".join(out)
 
 
@@ -68,26 +86,101 @@ def _speed_ratio(fast: list[float], base: list[float]) -> dict[str, float]:
     return paired_ratios(base, fast)
 
 
-def _header(env: dict[str, Any], saved: dict[str, Any]) -> str:
-    v = env["versions"]
-    load = env.get("load_average_start", [0, 0, 0])
-    load_end = env.get("load_average_end", load)
-    quick = (
-        "\n**Quick mode** (`--quick`): few repetitions, short blocks; not for conclusions.\n" if saved["quick"] else ""
-    )
-    took = ", ".join(f"{k} {s:.0f} s" for k, s in saved.get("seconds", {}).items())
-    return f"""# Benchmarks
+# Where a section was measured: sections with the same machine and versions share one setup.
+SETUP_KEYS = ("cpu", "cores", "memory_gib", "os", "gpus", "python", "versions")
 
-Written by `make bench` (`python -m bench`) on {env["date"]}, commit `{env["commit"]}`. Benchmarks
-are not tests: nothing here asserts anything about time. Regenerate with `make bench`.
-{quick}
-- Machine: {env["cpu"]}, {env["cores"]} cores, {env["memory_gib"]} GiB, {env["os"]}; GPUs: {", ".join(env["gpus"]) or "none"}
-- Versions: Python {env["python"]}, torch {v["torch"]}, accelerate {v["accelerate"]}, deepspeed {v["deepspeed"]}, lightning {v["lightning"]}
-- Other processes may have shared the machine: load average {load[0]:.2f} at the start, {load_end[0]:.2f} at the end
-  (1-minute). That is why every comparison runs its sides in turn, in one job, on the same steps of the
-  same data, and why each figure is a median over repetitions with its interquartile range in parentheses.
-- Section wall times: {took or "n/a"}.
-"""
+
+def _setup_of(env: dict[str, Any]) -> str:
+    return json.dumps({k: env.get(k) for k in SETUP_KEYS}, sort_keys=True)
+
+
+def _setups(environments: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
+    """The sections measured on each setup, in the report's order; setups in order of their first section."""
+    setups: dict[str, list[str]] = {}
+    for name in TITLES:
+        if name in environments:
+            setups.setdefault(_setup_of(environments[name]), []).append(name)
+    return setups
+
+
+def _run(env: dict[str, Any]) -> str:
+    """The run a section came from (a results file of one run has no run_started: its date)."""
+    return env.get("run_started") or env.get("date", "")
+
+
+def _measured(env: dict[str, Any], quick: bool, setups: dict[str, list[str]]) -> str:
+    """One line under a section's title: where and when it was measured."""
+    where = ", ".join(env.get("gpus") or []) or f"{env.get('cpu', 'unknown CPU')}, {env.get('cores', '?')} cores"
+    if len(setups) > 1:
+        where += f" (setup {list(setups).index(_setup_of(env)) + 1} above)"
+    return (
+        f"*Measured on {env.get('date', 'an unknown date')}, commit `{env.get('commit', 'unknown')}`, "
+        f"on {where}{'; quick mode' if quick else ''}.*"
+    )
+
+
+def _under_title(text: str, line: str) -> str:
+    """`text` (a section: its `## title` line first) with `line` as its first paragraph."""
+    title, rest = text.split("\n", 1)
+    return f"{title}\n\n{line}\n{rest}"
+
+
+def _header(saved: dict[str, Any], setups: dict[str, list[str]]) -> str:
+    quick = [name for name in TITLES if saved["quick"].get(name)]
+    out = [
+        "# Benchmarks",
+        "",
+        "Written by `make bench` (`python -m bench`) from the raw results in `BENCHMARKS.json`. Benchmarks are",
+        "not tests: nothing here asserts anything about time. `make bench` measures every section again;",
+        '`make bench ARGS="--only gpu"` (any sections, comma-separated) measures those and keeps the others,',
+        "so sections may come from different runs and machines: each is listed here with where and when it",
+        "was measured.",
+        "",
+    ]
+    if quick:
+        out += [
+            f"**Quick mode** (`--quick`) for {', '.join(quick)}: few repetitions, short blocks; not for conclusions.",
+            "",
+        ]
+    if len(setups) > 1:
+        out += [f"The sections come from {len(setups)} setups (machine and versions):", ""]
+    for number, names in enumerate(setups.values(), 1):
+        env = saved["environments"][names[0]]
+        v = env.get("versions", {})
+        if len(setups) > 1:
+            out += [f"**Setup {number}**: {', '.join(names)}", ""]
+        out += [
+            f"- Machine: {env.get('cpu', 'unknown')}, {env.get('cores', '?')} cores, {env.get('memory_gib', '?')} GiB, "
+            f"{env.get('os', 'unknown OS')}; GPUs: {', '.join(env.get('gpus') or []) or 'none'}",
+            f"- Versions: Python {env.get('python', '?')}, "
+            + ", ".join(f"{p} {v[p]}" for p in ("torch", "accelerate", "deepspeed", "lightning") if p in v),
+            "- Sections (started, commit, wall time, 1-minute load average at its start and end):",
+            *(f"  - {_section_line(saved, name)}" for name in names),
+            "",
+        ]
+    out += [
+        "Other processes may have shared a machine (hence the load averages). That is why every comparison",
+        "runs its sides in turn, in one job, on the same steps of the same data, and why each figure is a",
+        "median over repetitions with its interquartile range in parentheses.",
+        "",
+    ]
+    return "\n".join(out)
+
+
+def _section_line(saved: dict[str, Any], name: str) -> str:
+    env = saved["environments"][name]
+    load = env.get("load_average_start")
+    load_end = env.get("load_average_end", load)
+    parts = [TITLES[name], env.get("date", "date unknown"), f"`{env.get('commit', 'unknown')}`"]
+    if name in saved["seconds"]:
+        parts.append(f"{saved['seconds'][name]:.0f} s")
+    if load:
+        parts.append(f"load {load[0]:.2f} → {load_end[0]:.2f}")
+    if saved["quick"].get(name):
+        parts.append("quick")
+    if name in saved["errors"]:
+        parts.append("failed" if name not in saved["results"] else "figures from before a failed attempt")
+    return ", ".join(parts)
 
 
 def _summary(results: dict[str, Any]) -> str:
@@ -424,40 +517,87 @@ the hand loop on the same steps. {p["reps"]} repetitions, 1m model, world size {
 """
 
 
+# What `--cpu-smoke` cannot run on CPU, and why (the last check's outcome; bench/gpu.py's docstring says how).
+GPU_SMOKE_FAILURES = "every cell runs, eager and compiled."
+GPU_ENGINES = {"ddp": "DDP", "zero2": "DeepSpeed ZeRO 2", "fsdp2": "FSDP2"}
+
+
 def _gpu(g: dict[str, Any]) -> str:
+    from bench import gpu
+
     command = 'make bench ARGS="--only gpu"'
     if "skipped" in g:
+        recipes = "\n".join(
+            f"- {r}, micro-batch {gpu.MICRO_BATCH[r]}: `{' '.join(a[1:])}`" for r, a in gpu.RECIPE_ARGS.items()
+        )
+        engines = ", ".join(GPU_ENGINES[e] for e in gpu.ENGINES)
+        cells = len(gpu.RECIPE_ARGS) * len(gpu.ENGINES) * len(gpu.MODES)
         return f"""## {TITLES["gpu"]}
 
-Not measured: no GPU in this run. On a machine with CUDA GPUs (torch built for CUDA, e.g.
+Not measured: no GPU in the runs so far. On a machine with CUDA GPUs (torch built for CUDA, e.g.
 `make install TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"`):
 
     {command}
 
-It runs each recipe (bench/gpu.py RECIPE_ARGS: larger models than the CPU defaults) in bf16 on one
-process per GPU, DDP against DeepSpeed ZeRO 2 in alternating jobs, and records samples/s and model
-FLOPs utilisation (FLOPs counted by `torch.utils.flop_counter`, over the GPU's dense bf16 peak) with the
-GPU's name. Checked on CPU only (`--cpu-smoke`), where ZeRO 2 in bf16 fails for the classifier and the
-GAN (float inputs meet bf16 weights: the DeepSpeed engine casts the model, not the batch).
+It adds this section and leaves the others as they are. In bf16, one process per GPU, it measures
+{len(gpu.RECIPE_ARGS)} recipes x {len(gpu.ENGINES)} engines ({engines}) x eager and compiled
+(`compile=true`, inductor, `compile_mode=default`): {cells} cells, samples/s, model FLOPs utilisation (over the
+GPU's dense bf16 peak, found by its name) and time per step of each, and for each compiled cell its
+steps/s over eager's and what compiling cost. Recipes (bench/gpu.py RECIPE_ARGS, larger than the CPU
+defaults), accumulation {gpu.ACCUMULATION}:
+
+{recipes}
+
+One job per recipe and engine (a process holds one engine), in which an eager and a compiled trainer
+take turns on the same steps: one step with its model FLOPs counted (`disttrain.speed.flops`, as the
+trainer counts them for its MFU), {gpu.WARMUP_STEPS} warm-up steps (the compilation: its graphs and seconds reported
+apart), then {gpu.REPS} repetitions ({gpu.QUICK_REPS} with `--quick`) of {gpu.STEPS_PER_REP} timed steps per trainer. A job whose
+compiled trainer fails runs again eager only.
+
+Checked on CPU only (`--cpu-smoke`: tiny models, compiled with aot_eager), where {GPU_SMOKE_FAILURES}
 """
     rows = []
     for key, r in g.items():
+        recipe, engine = key.split("/")
+        cell = f"{recipe} | {GPU_ENGINES.get(engine, engine)}"
         if "error" in r:
-            rows.append(f"| {key} | failed: `{r['error'][-200:]}` | | |")
+            rows.append(f"| {cell} | both | failed: `{r['error'][-200:]}` | | | | |")
             continue
-        per_step = spread([t / r["steps_per_rep"] for t in r["seconds"]])
-        samples = r["samples_per_step"] / per_step["median"]
-        mfu = "n/a"
-        if r["flops_per_step"] and r["peak_flops_per_gpu"]:
-            mfu = f"{r['flops_per_step'] / per_step['median'] / (r['peak_flops_per_gpu'] * r['world_size']):.1%}"
-        rows.append(f"| {key} | {samples:,.0f} | {mfu} | {_ms(per_step)} |")
-    device = next((r["device"] for r in g.values() if "device" in r), "unknown")
+        # Results from before compiled cells were measured hold eager's list alone.
+        seconds = r["seconds"] if isinstance(r["seconds"], dict) else {"eager": r["seconds"]}
+        for mode, times in seconds.items():
+            per_step = spread([t / r["steps_per_rep"] for t in times])
+            samples = r["samples_per_step"] / per_step["median"]
+            mfu = "n/a"
+            if r["flops_per_step"] and r["peak_flops_per_gpu"]:
+                peak = r["peak_flops_per_gpu"] * r["world_size"]
+                mfu = f"{r['flops_per_step'] / per_step['median'] / peak:.1%}"
+            versus, compilation = "", ""
+            if mode == "compiled":
+                if "eager" in seconds:
+                    versus = _x(_speed_ratio(times, seconds["eager"]))
+                runs = r.get("compile") or []
+                if runs:
+                    compilation = (
+                        f"{runs[0]['warmup_graphs']} graph(s), {spread([c['warmup_compile_s'] for c in runs])['median']:.1f} s "
+                        f"({runs[0]['backend']}); {max(c['timed_graphs'] for c in runs)} in timed blocks"
+                    )
+            rows.append(f"| {cell} | {mode} | {samples:,.0f} | {mfu} | {_ms(per_step)} | {versus} | {compilation} |")
+        if "compiled_error" in r:
+            rows.append(f"| {cell} | compiled | failed: `{r['compiled_error'][-200:]}` | | | | |")
+    measured = next((r for r in g.values() if "device" in r), {})
     return f"""## {TITLES["gpu"]}
 
-{device}; bf16; one process per GPU; DDP and DeepSpeed ZeRO 2 in alternating jobs; `{command}`.
+{measured.get("device", "unknown")}, {measured.get("world_size", "?")} process(es), one per GPU; bf16; `{command}` (bench/gpu.py).
+One job per recipe and engine, engines in turn; in each, the eager and the compiled trainer take turns
+on the same steps ({measured.get("steps_per_rep", "?")} per block) after {measured.get("warmup_steps", "?")} untimed steps, the first of them FLOP-counted,
+the others the compilation's. MFU: model FLOPs of one step (as the trainer counts them), per second,
+over the GPUs' dense bf16 peak. Compiled / eager: steps/s, repetition by repetition. Compilation: rank 0's
+graphs and seconds in the warm-up steps (median over jobs), and graphs compiled again inside the
+timed blocks (0 when the timed figures hold no compilation).
 
-| recipe / engine | samples/s | MFU | time per step |
-|---|---|---|---|
+| recipe | engine | mode | samples/s | MFU | time per step | compiled / eager | compilation |
+|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 """
 
@@ -519,26 +659,47 @@ SHARDING_SIDES = {
 
 
 def _sharding(sh: dict[str, Any]) -> str:
-    sides, base = sh["sides"], sh["sides"]["ddp"]
-    rows = [
-        f"| {SHARDING_SIDES[name]} | {d['process_peak_mib']['median']:.0f} | "
-        f"{d['process_peak_mib']['median'] / base['process_peak_mib']['median']:.2f}x | "
-        f"{d['training_peak_mib']['median']:.0f} | "
-        f"{d['training_peak_mib']['median'] / base['training_peak_mib']['median']:.2f}x | "
-        f"{_ms(d['step_seconds'])} |"
-        for name, d in sides.items()
-    ]
+    # Results written before world 4 was measured hold world 2's sides at the top level.
+    worlds = sh.get("worlds") or {"2": {"sides": sh["sides"]}}
+    rows = []
+    for world, measured in sorted(worlds.items(), key=lambda kv: int(kv[0])):
+        sides, base = measured["sides"], measured["sides"]["ddp"]
+        rows += [
+            f"| {world} | {SHARDING_SIDES[name]} | {d['process_peak_mib']['median']:.0f} | "
+            f"{d['process_peak_mib']['median'] / base['process_peak_mib']['median']:.2f}x | "
+            f"{d['training_peak_mib']['median']:.0f} | "
+            f"{d['training_peak_mib']['median'] / base['training_peak_mib']['median']:.2f}x | "
+            f"{_ms(d['step_seconds'])} |"
+            for name, d in sides.items()
+        ]
+    sizes = sorted(int(w) for w in worlds)
+    floors = ", ".join(f"1/{w} = {1 / w:.2f}x at world {w}" for w in sizes)
+    crowded = [w for w in sizes if w > sh.get("cores", 2)]
+    oversubscribed = (
+        f"\n\nAt world {', '.join(map(str, crowded))} the {sh.get('cores', 2)}-core machine runs more processes than it has "
+        "cores:\nthose step times are an oversubscribed CPU's (compare sides within a world size, not across);\n"
+        "memory is not affected."
+        if crowded
+        else ""
+    )
     return f"""## {TITLES["sharding"]}
 
-seq2seq at width 384 ({sh["parameters"] / 1e6:.1f} M parameters, AdamW), 2 processes, accumulation
-{sh["accumulation"]}, micro-batch {sh["micro_batch"]}. Each side in its own 2-process job, {sh["repeats"]} job(s) each,
-sides in turn. Peak resident set (`VmHWM`) of the larger process, reset just before {sh["steps"]} optimizer
-steps; "training peak" is that peak minus the resident set before the steps. glibc's mmap threshold
-is fixed (`MALLOC_MMAP_THRESHOLD_={sh["MALLOC_MMAP_THRESHOLD_"]}`) so that freed tensors leave the resident set.
-Step time: the slowest process, steps after the first.
+seq2seq at width 384 ({sh["parameters"] / 1e6:.1f} M parameters, AdamW) at world size {" and ".join(map(str, sizes))}, accumulation
+{sh["accumulation"]}, micro-batch {sh["micro_batch"]} per process at every world size (the global batch grows with the world).
+Each side in its own job, {sh["repeats"]} job(s) each, world sizes and sides in turn. Peak resident set
+(`VmHWM`) of the largest process, reset just before {sh["steps"]} optimizer steps; "training peak" is that
+peak minus the resident set before the steps. glibc's mmap threshold is fixed
+(`MALLOC_MMAP_THRESHOLD_={sh["MALLOC_MMAP_THRESHOLD_"]}`) so that freed tensors leave the resident set.
 
-| side | process peak, MiB | vs DDP | training peak, MiB | vs DDP | time per step |
-|---|---|---|---|---|---|
+"vs DDP": against DDP at the same world size, which keeps the whole state in every process. The
+physical floor for sharded state (parameters, gradients and Adam moments: {16 * sh["parameters"] / 2**20:.0f} MiB in float32)
+is 1/world of DDP's ({floors});
+activations, gathered parameters, communication buffers and the process's fixed few hundred MiB
+are not sharded, so the ratios stay above it. Step time: the slowest process, steps after the
+first.{oversubscribed}
+
+| world | side | process peak, MiB | vs DDP | training peak, MiB | vs DDP | time per step |
+|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 """
 

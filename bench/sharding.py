@@ -1,14 +1,16 @@
 """Sharding: peak memory per process and step time of DDP, DeepSpeed ZeRO 2 and FSDP2 (a window's
 gradients kept whole until its last backward, or reduce-scattered after every micro-batch) on the
-same model, world size 2, accumulation 4.
+same model, at world size 2 and 4, accumulation 4, the same micro-batch per process.
 
-Peak memory is per process, so each side needs processes of its own: every side is its own
-2-process job (`torchrun ... -m bench.sharding --side S`), repetitions taking turns over the sides.
-Inside a job: the template's trainer is built (models wrapped, sharded), the kernel's peak resident
-set is reset to the current one (`/proc/self/clear_refs`, as bench/memory.py), then `steps`
-optimizer steps run. "training peak" is the peak minus the resident set before the steps: gradients,
-optimizer state (made by the first step), activations, communication buffers. Step time is the
-median of the steps after the first, on the slowest process.
+Peak memory is per process, so each side needs processes of its own: every side is its own job
+(`torchrun --nproc_per_node W ... -m bench.sharding --side S`), repetitions taking turns over the
+world sizes and, within one, over the sides. Inside a job: the template's trainer is built (models
+wrapped, sharded), the kernel's peak resident set is reset to the current one
+(`/proc/self/clear_refs`, as bench/memory.py), then `steps` optimizer steps run. "training peak" is
+the peak minus the resident set before the steps: gradients, optimizer state (made by the first
+step), activations, communication buffers. Step time is the median of the steps after the first, on
+the slowest process. On 2 cores, world 4 runs two processes per core: its memory is what it is on
+any machine, its step times are those of an oversubscribed CPU.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ WORKLOAD = [
     "seq2seq.decoder_layers=2",
 ]
 ACCUMULATION = 4
-MICRO_BATCH = 6
+MICRO_BATCH = 6  # per process, at every world size: the activations per process stay the same
+WORLDS = (2, 4)
 SIDES: dict[str, list[str]] = {
     "ddp": [],
     "zero2": [f"deepspeed_config={REPO / 'configs' / 'deepspeed' / 'zero2.json'}"],
@@ -48,7 +51,7 @@ def child(side: str, steps: int, out: str) -> None:
     from bench.harness import build_trainer, finish, parameter_count
 
     with tempfile.TemporaryDirectory() as runs:
-        args = run_args("1m", ACCUMULATION, 2, runs, MICRO_BATCH, windows=steps + 1)
+        args = run_args("1m", ACCUMULATION, int(os.environ["WORLD_SIZE"]), runs, MICRO_BATCH, windows=steps + 1)
         # run_args' 1m shapes, then this section's wider ones (later keys win).
         trainer = build_trainer([*args, *WORKLOAD, *SIDES[side]], f"sharding-{side}")
         parameters = sum(parameter_count(m) for m in trainer.recipe.models.values())
@@ -86,15 +89,17 @@ def child(side: str, steps: int, out: str) -> None:
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
-def measure(repeats: int, steps: int) -> dict[str, Any]:
-    """Each side `repeats` times, sides in turn; peaks in MiB, the larger process's."""
-    raw: dict[str, list[dict[str, Any]]] = {s: [] for s in SIDES}
+def measure(repeats: int, steps: int, worlds: tuple[int, ...] = WORLDS) -> dict[str, Any]:
+    """Each side at each world size `repeats` times, sides in turn; peaks in MiB, the larger process's."""
+    raw: dict[int, dict[str, list[dict[str, Any]]]] = {w: {s: [] for s in SIDES} for w in worlds}
     saved = {k: os.environ.get(k) for k in MALLOC_ENV}
     os.environ.update(MALLOC_ENV)  # the jobs' environment is this process's (bench.harness.job_env)
     try:
         for _ in range(repeats):
-            for side in SIDES:
-                raw[side].append(run_job("bench.sharding", ["--side", side, "--steps", str(steps)], timeout=900))
+            for world in worlds:
+                for side in SIDES:
+                    args = ["--side", side, "--steps", str(steps)]
+                    raw[world][side].append(run_job("bench.sharding", args, nproc=world, timeout=900))
     finally:
         for k, v in saved.items():
             if v is None:
@@ -102,27 +107,38 @@ def measure(repeats: int, steps: int) -> dict[str, Any]:
             else:
                 os.environ[k] = v
     out: dict[str, Any] = {"workload": WORKLOAD, "accumulation": ACCUMULATION, "micro_batch": MICRO_BATCH, **MALLOC_ENV}
-    out.update(repeats=repeats, steps=steps, parameters=raw["ddp"][0]["parameters"], sides={})
-    for side, runs in raw.items():
-        out["sides"][side] = {
-            "training_peak_mib": spread(
-                [max(p - b for p, b in zip(r["peak_kib"], r["before_kib"], strict=True)) / 1024 for r in runs]
-            ),
-            "process_peak_mib": spread([max(r["peak_kib"]) / 1024 for r in runs]),
-            "step_seconds": spread([t for r in runs for t in r["step_seconds"]]),
-        }
+    out.update(repeats=repeats, steps=steps, parameters=raw[worlds[0]]["ddp"][0]["parameters"], worlds={})
+    out["cores"] = os.cpu_count()  # fewer cores than processes: step times of an oversubscribed CPU
+    for world, sides in raw.items():
+        out["worlds"][str(world)] = {"sides": {side: summary(runs) for side, runs in sides.items()}}
     return out
+
+
+def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One side's jobs: the larger process's peaks (MiB) and every timed step, as spreads."""
+    return {
+        "training_peak_mib": spread(
+            [max(p - b for p, b in zip(r["peak_kib"], r["before_kib"], strict=True)) / 1024 for r in runs]
+        ),
+        "process_peak_mib": spread([max(r["peak_kib"]) / 1024 for r in runs]),
+        "step_seconds": spread([t for r in runs for t in r["step_seconds"]]),
+    }
 
 
 if __name__ == "__main__":
     parser = job_parser(__doc__.splitlines()[0])
     parser.add_argument("--side", choices=list(SIDES), help="run one side (inside its torchrun job)")
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--worlds", default=",".join(map(str, WORLDS)), help="world sizes, from the shell")
     args = parser.parse_args()
     if args.side:
         child(args.side, args.steps, args.out)
-    else:  # from the shell: every side, results as JSON
-        result = measure(args.reps, args.steps)
+    else:  # from the shell: every side at every world size, results as JSON
+        result = measure(args.reps, args.steps, tuple(int(w) for w in args.worlds.split(",")))
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
-        print(json.dumps({s: {k: v["median"] for k, v in d.items()} for s, d in result["sides"].items()}, indent=1))
+        medians = {
+            w: {s: {k: v["median"] for k, v in d.items()} for s, d in r["sides"].items()}
+            for w, r in result["worlds"].items()
+        }
+        print(json.dumps(medians, indent=1))

@@ -34,8 +34,19 @@ CASES = {
     "gan": ["recipe=gan", *TINY_GAN, "gan.num_train=40", "gan.d_steps=2", "gan.r1_every=2", "data.num_workers=1"],
     # DeepSpeed clips one norm per engine; its checkpoint holds ZeRO 3's partitions of each process
     "seq2seq-zero3": [*RECIPES["seq2seq"], "seq2seq.num_train=40", "seq2seq.decoder.clip_grad_norm=0.05"],
+    # FSDP2: every process writes its shards of the models and optimizers (torch.distributed.checkpoint),
+    # so the kill can land between two processes' writes; dropout on, and each norm clipped over shards
+    "seq2seq-fsdp2": [
+        *RECIPES["seq2seq"],
+        "seq2seq.dropout=0.2",
+        "seq2seq.num_train=40",
+        "seq2seq.decoder.clip_grad_norm=0.05",
+    ],
 }
-LAUNCHERS = {"seq2seq-zero3": "configs/accelerate/deepspeed_zero3.yaml"}
+LAUNCHERS = {
+    "seq2seq-zero3": "configs/accelerate/deepspeed_zero3.yaml",
+    "seq2seq-fsdp2": "configs/accelerate/fsdp2.yaml",
+}
 
 
 def weights(run_dir) -> dict[str, dict[str, torch.Tensor]]:

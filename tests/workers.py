@@ -259,17 +259,38 @@ FSDP_MODES = {
     "fsdp": ["fsdp.enabled=true"],
     "fsdp_every": ["fsdp.enabled=true", "fsdp.sync_every_micro_batch=true"],
     "fsdp_keep": ["fsdp.enabled=true", "fsdp.reshard_after_forward=false"],
+    "fsdp_bf16": ["fsdp.enabled=true", "mixed_precision=bf16"],
 }
 
 
 def make_fsdp_trainer(recipe: str, window: str, accumulation: int, mode: str, output_dir: str, steps: int, *extra: str):
+    """A float64 trainer in `mode`: a key of FSDP_MODES, or "fsdp_offload" (see fsdp_offload_trainer)."""
     from disttrain.recipes.classifier.recipe import ClassifierRecipe
 
     # seq2seq names its Transformer layers as blocks; the classifier names none, and here every
     # Linear becomes a unit of its own (units inside a model's unit).
     ClassifierRecipe.shard_blocks = (torch.nn.Linear,)
     name = f"run_name={recipe}-{window}-a{accumulation}-{mode}"
+    if mode == "fsdp_offload":
+        return fsdp_offload_trainer(recipe, window, accumulation, output_dir, steps, name, *extra)
     return make_trainer(recipe, window, accumulation, output_dir, steps, *FSDP_MODES[mode], name, *extra)
+
+
+def fsdp_offload_trainer(recipe: str, window: str, accumulation: int, output_dir: str, steps: int, *extra: str):
+    """make_trainer's float64 FSDP trainer with fsdp.cpu_offload=true.
+
+    Preflight refuses the key without GPUs (the shards of a CPU mesh are in CPU memory already); set
+    after it, the engine's offload path (FSDP2's copies to and from the host, gradients and the
+    optimizer over offloaded shards) runs on the CPU mesh all the same: the only place this suite
+    can run it."""
+    cfg = case_config(
+        recipe, window, world_size_from_env(), accumulation, output_dir, steps, *FSDP_MODES["fsdp"], *extra
+    )
+    cfg.fsdp.cpu_offload = True
+    set_seed(cfg.seed)
+    built = build_recipe(cfg)
+    to_float64(built)
+    return Trainer(cfg, built)
 
 
 def whole(tensors: dict) -> dict[str, torch.Tensor]:
@@ -294,25 +315,70 @@ def fsdp_params(models: dict) -> dict[str, torch.Tensor]:
     return whole({f"{m}.{n}": p for m, model in models.items() for n, p in unwrap(model).named_parameters()})
 
 
+def seen_in_forward(models: dict) -> set[str]:
+    """A set that collects the dtypes of the parameters every forward computes with."""
+    seen: set[str] = set()
+
+    def record(module, _):
+        # After FSDP's own pre-forward hook (it is prepended): the gathered parameters, cast by the policy.
+        seen.update(str(p.dtype) for p in module.parameters(recurse=False))
+
+    for model in models.values():
+        for module in model.modules():
+            if any(True for _ in module.parameters(recurse=False)):
+                module.register_forward_pre_hook(record)
+    return seen
+
+
+def fsdp_layout(models: dict, groups: list) -> dict:
+    """Dtypes of the sharded parameters and of every optimizer state tensor, and the offload policies
+    of the units (FSDP2 has no public reader for a unit's policy)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    policies = [
+        m._get_fsdp_state()._fsdp_param_group.offload_policy
+        for model in models.values()
+        for m in model.modules()
+        if isinstance(m, FSDPModule) and m._get_fsdp_state()._fsdp_param_group is not None
+    ]
+    return {
+        "sharded": {str(p.dtype) for model in models.values() for p in model.parameters()},
+        "optimizer_state": {
+            str(v.dtype)
+            for g in groups
+            for state in g.optimizer.state.values()
+            for v in state.values()
+            # per-parameter moments; Adam's step counter is a float32 scalar whatever the weights' dtype
+            if torch.is_tensor(v) and v.is_floating_point() and v.dim() > 0
+        },
+        "offload": {(type(p).__name__, getattr(p, "pin_memory", None)) for p in policies},
+    }
+
+
 def run_fsdp_cases(cases: list[tuple[str, str, int, str]], output_dir: str, steps: int = 3, *extra: str) -> dict:
-    """Train each (recipe, window, accumulation, mode) case in float64 (mode: a key of FSDP_MODES);
-    keep the whole gradients at every phase boundary, the final whole parameters, the reduce-scatter
-    calls of every micro-step and the number of FSDP units that hold gradients."""
+    """Train each (recipe, window, accumulation, mode) case with float64 weights (mode: a key of
+    FSDP_MODES); keep the whole gradients at every phase boundary, the final whole parameters, the
+    reduce-scatter calls of every micro-step, the number of FSDP units that hold gradients, the
+    dtypes forwards computed with and gradients were reduced in, and those of the sharded state
+    (`fsdp_layout`)."""
     import torch.distributed as dist
     from torch.distributed.fsdp import FSDPModule
 
-    calls = [0]
+    calls, reduced_in = [0], set()
     original = dist.reduce_scatter_single
 
-    def counted(*args, **kwargs):
+    def counted(output, input, *args, **kwargs):
         calls[0] += 1
-        return original(*args, **kwargs)
+        reduced_in.add(str(input.dtype))
+        return original(output, input, *args, **kwargs)
 
     dist.reduce_scatter_single = counted  # FSDP2 looks it up on the module at every reduction
     out = {}
     try:
         for recipe, window, accumulation, mode in cases:
             trainer = make_fsdp_trainer(recipe, window, accumulation, mode, output_dir, steps, *extra)
+            computed_in = seen_in_forward(trainer.models)
+            reduced_in.clear()
             grads, rounds = [], []
             for step in range(steps):
                 for phase in trainer.recipe.phases(step):
@@ -340,6 +406,9 @@ def run_fsdp_cases(cases: list[tuple[str, str, int, str]], output_dir: str, step
                 "params": exported,
                 "rounds": rounds,
                 "units": units,
+                "computed_in": computed_in,
+                "reduced_in": set(reduced_in),
+                **fsdp_layout(trainer.models, trainer.groups),
             }
     finally:
         dist.reduce_scatter_single = original

@@ -56,7 +56,7 @@ class FSDPEngine(Engine):
             backend = "cuda:nccl,cpu:gloo" if torch.cuda.is_available() else "gloo"
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         mesh = init_device_mesh(self.device.type, (self.world_size,))
-        options = self._shard_options()
+        blocks, root = self._shard_options(root=False), self._shard_options(root=True)
         # Parameters by name before sharding: fully_shard registers new (DTensor) ones under the same names.
         before = {name: dict(model.named_parameters()) for name, model in models.items()}
         for name, model in models.items():
@@ -64,8 +64,8 @@ class FSDPEngine(Engine):
             # Innermost first: a block inside a block must be its own unit before the outer one is.
             for module in reversed(list(model.modules())):
                 if module is not model and isinstance(module, self.block_classes):
-                    fully_shard(module, mesh=mesh, **options)
-            fully_shard(model, mesh=mesh, **options)
+                    fully_shard(module, mesh=mesh, **blocks)
+            fully_shard(model, mesh=mesh, **root)
             self.models[name] = model
         replaced = {
             id(old): dict(models[name].named_parameters())[fqn]
@@ -85,21 +85,24 @@ class FSDPEngine(Engine):
             group.scheduler = _rebuilt_scheduler(group.scheduler, group.optimizer)
         self.groups = groups
 
-    def _shard_options(self) -> dict[str, Any]:
+    def _shard_options(self, root: bool) -> dict[str, Any]:
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy
 
         f = self.cfg.fsdp
         precision = MixedPrecisionPolicy()
         if self.cfg.mixed_precision == "bf16":
-            # bf16 compute, float32 gradient reduction and float32 outputs (losses are summed in float32).
+            # bf16 compute and float32 gradient reduction. Only the model's own output is cast to float32
+            # (losses are summed in float32): a block's output stays bf16, because the root's layers after
+            # the blocks (a final norm) compute with bf16 weights and would refuse a float32 input.
             precision = MixedPrecisionPolicy(
-                param_dtype=torch.bfloat16, reduce_dtype=torch.float32, output_dtype=torch.float32
+                param_dtype=torch.bfloat16, reduce_dtype=torch.float32, output_dtype=torch.float32 if root else None
             )
-        return {
-            "reshard_after_forward": f.reshard_after_forward,
-            "mp_policy": precision,
-            "offload_policy": CPUOffloadPolicy() if f.cpu_offload else OffloadPolicy(),
-        }
+        offload = OffloadPolicy()
+        if f.cpu_offload:
+            # Pinned host memory speeds the copies to and from an accelerator; without one there is no
+            # copy to speed, and pinning itself fails ("Cannot access accelerator device").
+            offload = CPUOffloadPolicy(pin_memory=self.device.type != "cpu")
+        return {"reshard_after_forward": f.reshard_after_forward, "mp_policy": precision, "offload_policy": offload}
 
     # ------------------------------------------------------------------ micro-steps
 
