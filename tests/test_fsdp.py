@@ -26,6 +26,8 @@ ACCUMULATION = 3
 # token counts across processes and two optimizers (encoder, decoder) on one sharded model.
 CASES = [(r, "short", ACCUMULATION, m) for r in ("classifier", "seq2seq") for m in ("fsdp", "fsdp_every")]
 CASES += [("classifier", "short", ACCUMULATION, "ddp"), ("seq2seq", "short", 1, "fsdp_keep")]
+# Activation checkpointing inside sharded blocks: the recomputed forward gathers the block again.
+CASES += [("seq2seq", "short", ACCUMULATION, "fsdp_ac")]
 # Accumulation 4 with a tiny second window: 3 samples, fewer than processes x micro-batch (2 x 6), so
 # one micro-step in which rank 0 has 2 samples and rank 1 one.
 CASES += [("classifier", "tiny", 4, m) for m in ("fsdp", "fsdp_every")]

@@ -30,7 +30,6 @@ CASES = {
         "seq2seq.num_eval=8",
         "data.num_workers=2",
     ],
-    "classifier": [*RECIPES["classifier"], "classifier.num_train=40"],
     "gan": ["recipe=gan", *TINY_GAN, "gan.num_train=40", "gan.d_steps=2", "gan.r1_every=2", "data.num_workers=1"],
     # DeepSpeed clips one norm per engine; its checkpoint holds ZeRO 3's partitions of each process
     "seq2seq-zero3": [*RECIPES["seq2seq"], "seq2seq.num_train=40", "seq2seq.decoder.clip_grad_norm=0.05"],

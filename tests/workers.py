@@ -202,6 +202,7 @@ DEEPSPEED_CASE = {
     "gan": ["gan.generator.name=sgd", "gan.generator.momentum=0.9", "gan.generator.lr=0.05"],
 }
 DEEPSPEED_CASE["gan_r1"] = DEEPSPEED_CASE["gan"]
+DEEPSPEED_CASE["seq2seq_ac"] = DEEPSPEED_CASE["seq2seq"]  # tests.cases.RECIPES adds activation checkpointing
 
 
 def save_deepspeed_checkpoint(engine_config: str, output_dir: str) -> dict:
@@ -260,6 +261,7 @@ FSDP_MODES = {
     "fsdp_every": ["fsdp.enabled=true", "fsdp.sync_every_micro_batch=true"],
     "fsdp_keep": ["fsdp.enabled=true", "fsdp.reshard_after_forward=false"],
     "fsdp_bf16": ["fsdp.enabled=true", "mixed_precision=bf16"],
+    "fsdp_ac": ["fsdp.enabled=true", "activation_checkpointing=true"],
 }
 
 

@@ -1,4 +1,5 @@
-"""broken: a small recipe with one seeded mistake (`broken.bug=...`), for `python -m disttrain.check`.
+"""broken: a small recipe with seeded mistakes (`broken.bug=...`, several joined by `+`), for
+`python -m disttrain.check`.
 
 bug=none is correct. mean: the loss is a mean, not a sum. count: item_counts() gives a fixed number.
 unfrozen: the second model's phase leaves gradients in the first (a GAN that forgets to freeze D).
@@ -25,11 +26,12 @@ BUGS = ("none", "mean", "count", "unfrozen", "random", "unused")
 
 @dataclass
 class Config:
-    bug: str = setting("none", f"the seeded mistake: {', '.join(BUGS)}")
+    bug: str = setting("none", f"the seeded mistake(s), joined by '+': {', '.join(BUGS)}")
     optimizer: OptimizerConfig = section(lambda: OptimizerConfig(name="sgd", lr=0.1, momentum=0.9), "optimizer")
 
     def validate(self, run: RunConfig) -> None:
-        one_of(f"{run.recipe_section}.bug", self.bug, BUGS)
+        for bug in self.bug.split("+"):
+            one_of(f"{run.recipe_section}.bug", bug, BUGS)
 
 
 class Critic(nn.Module):
@@ -45,11 +47,11 @@ class Critic(nn.Module):
 class BrokenRecipe(Recipe):
     def __init__(self, run: RunConfig):
         c: Config = run.recipe_config
-        self.bug = c.bug
+        self.bugs = set(c.bug.split("+"))
         g = torch.Generator().manual_seed(run.seed)
         self.x = torch.randn(200, 3, generator=g)
         self.y = torch.sin(self.x.sum(1, keepdim=True))
-        critic, maker = Critic(c.bug == "unused"), nn.Linear(3, 3)
+        critic, maker = Critic("unused" in self.bugs), nn.Linear(3, 3)
         groups = [
             build_group("critic", critic.parameters(), c.optimizer, run.steps),
             build_group("maker", maker.parameters(), c.optimizer, run.steps),
@@ -62,14 +64,14 @@ class BrokenRecipe(Recipe):
 
     def train_batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         x = self.x[indices]
-        if self.bug == "random":
+        if "random" in self.bugs:
             x = x + 0.01 * torch.randn(x.shape)
         return {"x": x, "y": self.y[indices]}
 
     def phases(self, step: int) -> list[Phase]:
         def critic_losses(models: dict[str, nn.Module], batch: dict) -> Iterator[tuple[str, torch.Tensor]]:
             error = (models["critic"](batch["x"]) - batch["y"]).pow(2)
-            yield "fit", error.mean() if self.bug == "mean" else error.sum()
+            yield "fit", error.mean() if "mean" in self.bugs else error.sum()
 
         def maker_losses(models: dict[str, nn.Module], batch: dict) -> Iterator[tuple[str, torch.Tensor]]:
             # the critic it does not train is called as the plain module, not through its DDP or
@@ -79,7 +81,7 @@ class BrokenRecipe(Recipe):
         def make_batch(plan):
             return self.train_batch(plan.indices)
 
-        counts = (lambda batch: {"fit": 4}) if self.bug == "count" else (lambda batch: {"fit": len(batch["x"])})
+        counts = (lambda batch: {"fit": 4}) if "count" in self.bugs else (lambda batch: {"fit": len(batch["x"])})
         return [
             Phase("critic", ("critic",), [self.groups[0]], ("fit",), counts, critic_losses, make_batch, step),
             Phase(
@@ -91,7 +93,7 @@ class BrokenRecipe(Recipe):
                 maker_losses,
                 make_batch,
                 step,
-                frozen=() if self.bug == "unfrozen" else (self.models["critic"],),
+                frozen=() if "unfrozen" in self.bugs else (self.models["critic"],),
             ),
         ]
 
