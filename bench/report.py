@@ -718,6 +718,7 @@ def _speed(result: dict[str, Any]) -> str:
     ]
     for name, s in t["steps_per_s"].items():
         rows.append(f"| {name} | {s['median']:.2f} ({s['q1']:.2f}-{s['q3']:.2f}) |")
+    rows += ["", *_causal_lm_speed(result.get("causal_lm"))]
     rows += [
         "",
         f"Peak training memory, global batch {m['global_batch']} (MiB):",
@@ -728,3 +729,21 @@ def _speed(result: dict[str, Any]) -> str:
     for name, s in m["training_peak_mib"].items():
         rows.append(f"| {name} | {s['median']:.1f} |")
     return "\n".join(rows) + "\n"
+
+
+def _causal_lm_speed(c: dict[str, Any] | None) -> list[str]:
+    if c is None:
+        return ["causal_lm: not measured in this run (measured since the section added it)."]
+    if "skipped" in c or "error" in c:
+        return [f"causal_lm: not measured: {c.get('skipped') or c.get('error')}"]
+    rows = [
+        f"causal_lm (GPT-2 from its config, 4 layers of width 128, windows of 128 bytes, micro-batch 8, one "
+        f"process, `compile_backend={c['backend']}`): {c['graphs']} graph(s) compiled in {c['compile_s']:.1f} s "
+        "during the warm-up steps.",
+        "",
+        "| | steps/s (median, IQR) |",
+        "| --- | --- |",
+    ]
+    for name, s in c["steps_per_s"].items():
+        rows.append(f"| {name} | {s['median']:.2f} ({s['q1']:.2f}-{s['q3']:.2f}) |")
+    return rows

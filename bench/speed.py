@@ -1,5 +1,7 @@
-"""Speed features: eager against compiled steps/s on the 1 M-parameter seq2seq model (compilation
-time apart), and peak memory with and without activation checkpointing at accumulation 1 and 8.
+"""Speed features: eager against compiled steps/s on the 1 M-parameter seq2seq model and on causal_lm
+(GPT-2 from its config, 4 layers of width 128, on the default byte corpus; needs `transformers`),
+compilation time apart, and peak memory with and without activation checkpointing at accumulation 1
+and 8.
 
 One process (`python -m bench.speed --out speed.json [--quick]`). Throughput: the eager and the
 compiled trainer take turns on the same optimizer steps after their warm-up steps (the compiled one's
@@ -20,16 +22,36 @@ from typing import Any
 from bench.harness import REPO, job_env, job_parser, run_args, spread, timed, write_result
 
 WORKLOAD = "1m"
+CAUSAL_LM_MICRO_BATCH = 8  # windows of the default 128 bytes: 1024 tokens a step
 MEMORY_GLOBAL_BATCH = 192
 MEMORY_ACCUMULATIONS = (1, 8)
 
 
-def throughput(reps: int, steps_per_rep: int, backend: str) -> dict[str, Any]:
+def seq2seq_args(runs: str) -> list[str]:
+    return run_args(WORKLOAD, 1, 1, runs)
+
+
+def causal_lm_args(runs: str) -> list[str]:
+    from bench.harness import quiet_args
+
+    return [
+        "recipe=causal_lm",
+        f"global_batch_size={CAUSAL_LM_MICRO_BATCH}",
+        f"micro_batch_size={CAUSAL_LM_MICRO_BATCH}",
+        "steps=100000",
+        "causal_lm.sample_tokens=0",
+        f"output_dir={runs}",
+        "progress_bar=false",
+        *quiet_args(),
+    ]
+
+
+def throughput(reps: int, steps_per_rep: int, backend: str, recipe_args=seq2seq_args) -> dict[str, Any]:
     from bench.harness import build_trainer
     from disttrain.speed.compiling import Compilation
 
     with tempfile.TemporaryDirectory() as runs:
-        args = run_args(WORKLOAD, 1, 1, runs)
+        args = recipe_args(runs)
         eager = build_trainer(args, "eager")
         compiled = build_trainer([*args, "compile=true", f"compile_backend={backend}"], "compiled")
         warmup = 3  # the compiled trainer compiles here: first shapes, then dynamic ones
@@ -52,6 +74,18 @@ def throughput(reps: int, steps_per_rep: int, backend: str) -> dict[str, Any]:
             "graphs": compilation.graphs,
             "steps_per_s": {k: spread([steps_per_rep / s for s in v]) for k, v in seconds.items()},
         }
+
+
+def causal_lm_throughput(reps: int, steps_per_rep: int, backend: str) -> dict[str, Any]:
+    """causal_lm's eager against compiled steps/s, or why there is none (the other figures stay)."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        return {"skipped": "transformers is not installed (make install EXTRAS=bench installs it)"}
+    try:
+        return throughput(reps, steps_per_rep, backend, causal_lm_args)
+    except Exception as e:  # a recipe the compiler cannot take must not lose the seq2seq figures
+        return {"error": f"{type(e).__name__}: {e}"[-600:]}
 
 
 def memory_child(accumulation: int, checkpointing: bool, out: str) -> None:
@@ -96,9 +130,10 @@ if __name__ == "__main__":
     if args.memory_child:
         memory_child(args.memory_child, args.checkpointing, args.out)
     else:
-        reps = 3 if args.quick else args.reps
+        reps, steps_per_rep = (3, 5) if args.quick else (args.reps, 20)
         result = {
-            "throughput": throughput(reps, 5 if args.quick else 20, args.backend),
+            "throughput": throughput(reps, steps_per_rep, args.backend),
+            "causal_lm": causal_lm_throughput(reps, steps_per_rep, args.backend),
             "memory": memory(1 if args.quick else 3),
         }
         write_result(args.out, result)
