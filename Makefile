@@ -55,7 +55,7 @@ test-quick: install-test
 	$(PY) -m pytest -m "not slow"
 
 ## Benchmarks against a hand-written loop, Accelerate and Lightning; writes BENCHMARKS.md and its raw
-## results, BENCHMARKS.json (about 30 minutes on 2 cores). ARGS="--quick" for a short run; ARGS="--only gpu"
+## results, BENCHMARKS.json (about 25 minutes on 2 cores). ARGS="--quick" for a short run; ARGS="--only gpu"
 ## on a GPU machine measures that section again and keeps the others (any sections, comma-separated).
 bench: $(VENV)/.install-bench
 	$(PY) -m bench $(ARGS)

@@ -1,6 +1,6 @@
 """`python -m bench` (`make bench`): run every comparison, each as its own job, and write BENCHMARKS.md.
 
-    python -m bench                      # everything, 15 to 20 interleaved repetitions (about 30 minutes on 2 cores)
+    python -m bench                      # everything, 15 to 20 interleaved repetitions (about 25 minutes on 2 cores)
     python -m bench --quick              # 3 repetitions and short blocks, for development
     python -m bench --only loop,comm     # some sections (loop comm peers memory startup gpu data sharding speed)
     python -m bench --render BENCHMARKS.json   # rewrite BENCHMARKS.md from saved results
