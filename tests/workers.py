@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import copy
 import itertools
+from collections.abc import Callable
 
 import torch
 from accelerate.utils import set_seed
 
-from disttrain.config import world_size_from_env
+from disttrain.config import Config, world_size_from_env
 from disttrain.recipe import build_recipe
 from disttrain.trainer import Trainer
 from tests.cases import case_config
@@ -16,9 +17,19 @@ from tests.reference import named_grads, named_params, to_float64, unwrap
 
 
 def make_trainer(
-    recipe: str, window: str, accumulation: int, output_dir: str, steps: int = 3, *extra: str, float64: bool = True
+    recipe: str,
+    window: str,
+    accumulation: int,
+    output_dir: str,
+    steps: int = 3,
+    *extra: str,
+    float64: bool = True,
+    past_checks: Callable[[Config], None] | None = None,
 ) -> Trainer:
+    """`past_checks` changes the checked config: a setting preflight refuses on this machine."""
     cfg = case_config(recipe, window, world_size_from_env(), accumulation, output_dir, steps, *extra)
+    if past_checks:
+        past_checks(cfg)
     set_seed(cfg.seed)
     built = build_recipe(cfg)
     if float64:
@@ -266,7 +277,7 @@ FSDP_MODES = {
 
 
 def make_fsdp_trainer(recipe: str, window: str, accumulation: int, mode: str, output_dir: str, steps: int, *extra: str):
-    """A float64 trainer in `mode`: a key of FSDP_MODES, or "fsdp_offload" (see fsdp_offload_trainer)."""
+    """A float64 trainer in `mode`: a key of FSDP_MODES, or "fsdp_offload" (fsdp.cpu_offload=true)."""
     from disttrain.recipes.classifier.recipe import ClassifierRecipe
 
     # seq2seq names its Transformer layers as blocks; the classifier names none, and here every
@@ -274,25 +285,18 @@ def make_fsdp_trainer(recipe: str, window: str, accumulation: int, mode: str, ou
     ClassifierRecipe.shard_blocks = (torch.nn.Linear,)
     name = f"run_name={recipe}-{window}-a{accumulation}-{mode}"
     if mode == "fsdp_offload":
-        return fsdp_offload_trainer(recipe, window, accumulation, output_dir, steps, name, *extra)
+        # Preflight refuses fsdp.cpu_offload without GPUs (the shards of a CPU mesh are in CPU memory
+        # already); set past it, the engine's offload path (FSDP2's copies to and from the host, the
+        # optimizer over offloaded shards) runs on the CPU mesh all the same: the only place this suite
+        # can run it.
+        return make_trainer(
+            recipe, window, accumulation, output_dir, steps, *FSDP_MODES["fsdp"], name, *extra, past_checks=_offload
+        )
     return make_trainer(recipe, window, accumulation, output_dir, steps, *FSDP_MODES[mode], name, *extra)
 
 
-def fsdp_offload_trainer(recipe: str, window: str, accumulation: int, output_dir: str, steps: int, *extra: str):
-    """make_trainer's float64 FSDP trainer with fsdp.cpu_offload=true.
-
-    Preflight refuses the key without GPUs (the shards of a CPU mesh are in CPU memory already); set
-    after it, the engine's offload path (FSDP2's copies to and from the host, gradients and the
-    optimizer over offloaded shards) runs on the CPU mesh all the same: the only place this suite
-    can run it."""
-    cfg = case_config(
-        recipe, window, world_size_from_env(), accumulation, output_dir, steps, *FSDP_MODES["fsdp"], *extra
-    )
+def _offload(cfg: Config) -> None:
     cfg.fsdp.cpu_offload = True
-    set_seed(cfg.seed)
-    built = build_recipe(cfg)
-    to_float64(built)
-    return Trainer(cfg, built)
 
 
 def whole(tensors: dict) -> dict[str, torch.Tensor]:
