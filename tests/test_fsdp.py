@@ -36,6 +36,10 @@ CASES += [("classifier", "tiny", 4, m) for m in ("fsdp", "fsdp_every")]
 WORLD_4 = [("classifier", w, a, m) for w, a in (("tiny", 4), ("short", ACCUMULATION)) for m in ("fsdp", "fsdp_every")]
 # Both GAN models sharded (one unit each); D frozen while G trains through it.
 GAN_CASE = ("gan", "short", ACCUMULATION, "fsdp")
+# R1 (lazy, every second D update; 2 D steps): its input-gradient pass runs on D's gathered weights
+# outside FSDP's hooks, and the penalty's gradient is reduce-scattered into the shards; at
+# accumulation 3 while the window's other reductions wait for its end, and on every micro-batch.
+GAN_R1_CASES = [("gan_r1", "short", ACCUMULATION, "fsdp"), ("gan_r1", "short", 1, "fsdp_every")]
 # fsdp.cpu_offload on the CPU mesh, unpinned (preflight refuses it there; tests.workers sets it past
 # the checks): the exact update like every other case.
 OFFLOAD_CASE = ("classifier", "short", ACCUMULATION, "fsdp_offload")
@@ -49,7 +53,9 @@ BF16_CASES = {r: (r, "short", ACCUMULATION, "fsdp_bf16") for r in ("classifier",
 @functools.cache
 def results() -> dict:
     with tempfile.TemporaryDirectory() as out:
-        return run_distributed(run_fsdp_cases, 2, [*CASES, GAN_CASE, *BF16_CASES.values()], out, STEPS, timeout=300)
+        return run_distributed(
+            run_fsdp_cases, 2, [*CASES, GAN_CASE, *GAN_R1_CASES, *BF16_CASES.values()], out, STEPS, timeout=300
+        )
 
 
 @functools.cache
@@ -81,11 +87,12 @@ def test_fsdp_update_equals_whole_batch_reference(world, case):
         assert_same(got["params"], ref["params"], f"rank {rank} parameters after {STEPS} steps", 1e-9, 1e-11)
 
 
-def test_fsdp_gan_equals_whole_batch_reference_and_never_syncs_the_frozen_model():
+@pytest.mark.parametrize("case", [GAN_CASE, *GAN_R1_CASES], ids=lambda c: "-".join(map(str, c)))
+def test_fsdp_gan_equals_whole_batch_reference_and_never_syncs_the_frozen_model(case):
     with tempfile.TemporaryDirectory() as out:
-        ref = gan_reference_run(case_config("gan", "short", 1, 1, out, STEPS), STEPS)
+        ref = gan_reference_run(case_config(case[0], "short", 1, 1, out, STEPS), STEPS)
     for rank, ranks in enumerate(results()):
-        got = ranks[GAN_CASE]
+        got = ranks[case]
         for i, (actual, expected) in enumerate(zip(got["grads"], ref["grads"], strict=True)):
             # The reference keeps each phase's trained model's gradients only: so must the engine.
             assert_same(actual, expected, f"rank {rank} phase {i} gradient", 1e-9, 1e-12)
@@ -321,11 +328,8 @@ def refused(args: list[str]) -> str:
         (["mixed_precision=fp16"], ["mixed_precision=fp16", "mixed_precision=bf16"]),
         (["deepspeed_config=configs/deepspeed/zero2.json"], ["deepspeed_config=", "fsdp.enabled=false"]),
         (["fsdp.cpu_offload=true"], ["fsdp.cpu_offload=true needs GPUs", "fsdp.cpu_offload=false"]),
-        # R1's torch.func pass under FSDP crashes in backward, float32 and bf16 alike.
-        (["recipe=gan", "micro_batch_size=128"], ["gan.r1_gamma>0", "FSDP", "gan.r1_gamma=0"]),
-        (["recipe=gan", "micro_batch_size=128", "mixed_precision=bf16"], ["gan.r1_gamma>0", "gan.r1_gamma=0"]),
     ],
-    ids=["fp16", "with-deepspeed", "cpu-offload", "gan-r1", "gan-r1-bf16"],
+    ids=["fp16", "with-deepspeed", "cpu-offload"],
 )
 def test_what_fsdp_cannot_run_is_refused_before_launch_naming_key_and_fix(args, names, monkeypatch):
     if "cpu_offload" in args[0]:
@@ -334,10 +338,14 @@ def test_what_fsdp_cannot_run_is_refused_before_launch_naming_key_and_fix(args, 
     assert all(n in message for n in names), message
 
 
-def test_the_gan_without_r1_and_an_fsdp1_launcher_config(monkeypatch):
+def test_the_gan_with_r1_runs_and_an_fsdp1_launcher_config_is_refused(monkeypatch):
     from disttrain.preflight import resolve_config
 
-    assert resolve_config(["recipe=gan", "micro_batch_size=128", "gan.r1_gamma=0", "fsdp.enabled=true"], 2).fsdp.enabled
+    for precision in ("no", "bf16"):
+        cfg = resolve_config(
+            ["recipe=gan", "micro_batch_size=128", f"mixed_precision={precision}", "fsdp.enabled=true"], 2
+        )
+        assert cfg.fsdp.enabled and cfg.recipe_config.r1_gamma > 0
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "1")
     assert "fsdp_version: 2" in refused([])

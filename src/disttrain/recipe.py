@@ -66,6 +66,9 @@ class Recipe(ABC):
         self.full_weights: Callable[[nn.Module], contextlib.AbstractContextManager] = lambda module: (
             contextlib.nullcontext()
         )
+        # Set by the trainer to its engine's: a forward of a trained model that a loss on its input
+        # gradient (R1) may differentiate twice (FSDP frees gathered weights inside that pass).
+        self.input_gradient_forward: Callable[[nn.Module], Callable[..., Any]] = lambda module: module
 
     # Training data comes one of two ways. Usually a map-style `torch.utils.data.Dataset` (a Hugging
     # Face `datasets.Dataset` is one) in `train_dataset`, whose samples `collate` joins into a

@@ -103,6 +103,7 @@ class Trainer:
             self.say(taken_over)
         self.recipe.run_dir, self.recipe.main_process = self.run_dir, self.engine.is_main_process
         self.recipe.full_weights = self.engine.full_weights
+        self.recipe.input_gradient_forward = self.engine.input_gradient_forward
         self.overflow_steps = 0  # fp16 steps skipped on overflow (the loss scale was too high)
         self.nonfinite_steps = 0  # updates skipped on a NaN/inf gradient (on_nonfinite=skip)
         self.tracker_run_id: str | None = None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -154,6 +154,12 @@ class Engine(ABC):
     def full_weights(self, module: nn.Module) -> contextlib.AbstractContextManager:
         """Inside the block, `module`'s parameters are whole on every process (a collective)."""
         return contextlib.nullcontext()
+
+    def input_gradient_forward(self, module: nn.Module) -> Callable[..., Any]:
+        """`module`'s forward for a loss on the gradient of its output with respect to its input (R1,
+        a gradient penalty): a second backward runs through that gradient. The module itself, where
+        its wrapper keeps whole weights through such a pass."""
+        return module
 
     def evaluation_share(self, models: dict[str, nn.Module]) -> tuple[int, int]:
         """(index, count) of this process's share of held-out data: 1 of 1 means every process

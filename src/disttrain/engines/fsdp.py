@@ -16,15 +16,16 @@ update is the same). FSDP averages over processes as DDP does, which the core's
 from __future__ import annotations
 
 import contextlib
+import copy
 import glob
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Partial
 
 from disttrain.accumulation import OptimizerGroup, UpdateResult, WindowResult
 from disttrain.config import Config, ConfigError
@@ -44,6 +45,9 @@ class FSDPEngine(Engine):
         os.environ.pop("ACCELERATE_USE_FSDP", None)
         super().__init__(cfg, build_accelerator(cfg, "no", find_unused_parameters=False))
         self.model_of: dict[str, str] = {}  # optimizer group -> the model its parameters belong to
+        # Each model's modules as they were before sharding, with meta tensors (no memory): the
+        # forward that input_gradient_forward runs on gathered weights, outside FSDP's hooks.
+        self.structures: dict[str, nn.Module | Exception] = {}
 
     # ------------------------------------------------------------------ wrapping
 
@@ -60,6 +64,7 @@ class FSDPEngine(Engine):
         # Parameters by name before sharding: fully_shard registers new (DTensor) ones under the same names.
         before = {name: dict(model.named_parameters()) for name, model in models.items()}
         for name, model in models.items():
+            self.structures[name] = _meta_copy(model)
             model.to(self.device)
             # Innermost first: a block inside a block must be its own unit before the outer one is.
             for module in reversed(list(model.modules())):
@@ -149,6 +154,45 @@ class FSDPEngine(Engine):
         if self.world_size > 1:
             dist.all_reduce(squares)
         return dict(zip((g.name for g in groups), squares.sqrt().unbind(), strict=True))
+
+    # ------------------------------------------------------------------ a second backward
+
+    def input_gradient_forward(self, module: nn.Module) -> Callable[..., Any]:
+        """A forward of `module` on its gathered weights, through the module's structure without FSDP's
+        hooks: those run FSDP's post-backward at the end of the input-gradient pass and free the
+        gathered weights that the penalty's own backward still needs. Gathers when called (a
+        collective: every process calls it for the same micro-batches).
+
+        The backward of the gather reduce-scatters into the sharded gradients (divided by the process
+        count, as FSDP's own reduction is), whatever the window's sync: exact, one reduction more per
+        such micro-batch. Precision follows FSDP's policy: gathered in float32, computed in bf16 under
+        mixed_precision=bf16, the output in float32."""
+        name = next((n for n, m in self.models.items() if m is module), None)
+        if name is None:
+            return module  # not sharded by this engine
+        structure = self.structures[name]
+        if isinstance(structure, Exception):
+            raise RuntimeError(
+                f"model '{name}' could not be copied before sharding ({structure}); its input-gradient "
+                "forward (R1) needs that copy under FSDP: use DDP or ZeRO 1 or 2 for it"
+            ) from structure
+        compute = torch.bfloat16 if self.cfg.mixed_precision == "bf16" else None
+        world = self.world_size
+        tensors: dict[str, torch.Tensor] = {}
+        for fqn, param in module.named_parameters():
+            whole = param.to(self.device).full_tensor(grad_placements=[Partial()])  # backward: reduce-scatter, sum
+            if whole.requires_grad:
+                whole.register_hook(lambda grad: grad / world)
+            tensors[fqn] = whole.to(compute) if compute else whole
+        tensors.update(module.named_buffers())
+
+        def forward(*args: Any) -> Any:
+            if compute:
+                args = tuple(a.to(compute) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+            out = torch.func.functional_call(structure, tensors, args)
+            return out.float() if compute else out
+
+        return forward
 
     # ------------------------------------------------------------------ full weights and evaluation
 
@@ -253,6 +297,18 @@ class FSDPEngine(Engine):
 
     def check_resumable(self, saved_world_size: int, path: str) -> None:
         return None  # DCP re-shards to any process count
+
+
+def _meta_copy(module: nn.Module) -> nn.Module | Exception:
+    """`module`'s structure with its parameters and buffers on the meta device: modules, no data."""
+    memo: dict[int, Any] = {}
+    for tensor in [*module.parameters(), *module.buffers()]:
+        meta = torch.empty_like(tensor, device="meta")
+        memo[id(tensor)] = nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
+    try:
+        return copy.deepcopy(module, memo)
+    except Exception as e:  # only input_gradient_forward needs the copy: it reports this
+        return e
 
 
 def _local_grads(group: OptimizerGroup) -> list[torch.Tensor]:

@@ -66,14 +66,6 @@ class Config:
                 f"{k}.r1_gamma>0 is not supported under ZeRO stage {stage} (its partitioned parameters crash "
                 f"R1's input-gradient pass); use ZeRO 1 or 2 (configs/deepspeed/zero2.json), {k}.r1_gamma=0, or DDP"
             )
-        if self.r1_gamma > 0 and run.fsdp.enabled:
-            # FSDP2's hooks free D's gathered weights at the end of R1's inner torch.func pass, and the
-            # penalty's own backward, which needs them, never gathers them again ("setStorage ... out of
-            # bounds"), in any precision.
-            raise ConfigError(
-                f"{k}.r1_gamma>0 is not supported under FSDP (fsdp.enabled=true: FSDP frees D's gathered weights "
-                f"before R1's backward needs them); set {k}.r1_gamma=0, or use DDP or ZeRO 1 or 2"
-            )
 
 
 def build(run: RunConfig) -> Recipe:

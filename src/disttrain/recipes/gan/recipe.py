@@ -169,7 +169,8 @@ class GANRecipe(Recipe):
             # torch.func, not torch.autograd.grad: DeepSpeed's ZeRO 2 runs its gradient reduction at
             # the end of every autograd pass, an input-gradient pass too, but skips functorch's.
             # The result is differentiable in D's parameters all the same (the penalty's backward).
-            grad = torch.func.grad(lambda x: d(x).sum())(real.detach())
+            forward = self.input_gradient_forward(d)
+            grad = torch.func.grad(lambda x: forward(x).sum())(real.detach())
             weight = 0.5 * self.cfg.r1_gamma * self.cfg.r1_every  # lazy: rarer, proportionally stronger
             yield "r1", weight * grad.pow(2).sum()
         with torch.no_grad():
