@@ -35,6 +35,18 @@ def test_defaults_yaml_and_overrides_merge_in_order(tmp_path):
     assert cfg.global_batch_size == 32
 
 
+def test_string_values_yaml_reads_as_booleans_stay_as_written(tmp_path):
+    """Unquoted `no` and `false` are booleans to YAML; a string key keeps the word, in a file and on
+    the command line. A boolean key still reads them as booleans."""
+    yaml = tmp_path / "run.yaml"
+    yaml.write_text("mixed_precision: no\ncompile_dynamic: false\ncompile: false\n")
+    from_file = resolve_config([f"config={yaml}"], world_size=1)
+    from_command_line = resolve_config(["mixed_precision=no", "compile_dynamic=false", "compile=no"], world_size=1)
+    for cfg in from_file, from_command_line:
+        assert (cfg.mixed_precision, cfg.compile_dynamic, cfg.compile) == ("no", "false", False)
+    assert resolve_config([f"config={yaml}", "compile_dynamic=true"], world_size=1).compile_dynamic == "true"
+
+
 def test_accumulation_follows_from_world_size():
     cfg = resolve_config(["global_batch_size=64", "micro_batch_size=8"], world_size=4)
     assert [cfg.accumulation_steps(w) for w in (1, 2, 4, 8)] == [8, 4, 2, 1]

@@ -471,18 +471,30 @@ def load_config(argv: list[str], world_size: int | None = None) -> Config:
     recipe = chosen_recipe(argv)
     cls = config_class(recipe)
     merged = OmegaConf.structured(cls)
+    # YAML reads an unquoted no/yes/off/on/false/true as a boolean, which a string key would then hold
+    # as 'False' or 'True': mixed_precision=no must stay "no". String keys keep what was written.
+    string_keys = {k for k, v in flat_items(OmegaConf.to_container(merged)).items() if isinstance(v, str)}
     layers = [(OmegaConf.create(run_defaults(recipe)), f"{recipe}.RUN_DEFAULTS")]
     if config_path is not None:
         file_cfg = _load_file(config_path)
-        _check_known(cls, list(flat_items(OmegaConf.to_container(file_cfg))), f"in {config_path}")
+        parsed = flat_items(OmegaConf.to_container(file_cfg))
+        _check_known(cls, list(parsed), f"in {config_path}")
+        written = None
+        for key, value in parsed.items():
+            if key in string_keys and isinstance(value, bool):
+                written = written or flat_items(_written_scalars(config_path))
+                OmegaConf.update(file_cfg, key, written[key])
         layers.append((file_cfg, config_path))
     for item in overrides:
-        key = item.split("=", 1)[0]
+        key, value = item.split("=", 1)
         _check_known(cls, [key], "on the command line")
         try:
-            layers.append((OmegaConf.from_dotlist([item]), "the command line"))
+            layer = OmegaConf.from_dotlist([item])
         except OmegaConfBaseException as e:
             raise ConfigError(f"{key}: cannot parse '{item}' ({_first_line(e)})") from e
+        if key in string_keys and isinstance(OmegaConf.select(layer, key), bool):
+            OmegaConf.update(layer, key, value)
+        layers.append((layer, "the command line"))
     for layer, origin in layers:
         try:
             merged = OmegaConf.merge(merged, layer)
@@ -495,6 +507,14 @@ def load_config(argv: list[str], world_size: int | None = None) -> Config:
     cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     validate(cfg, world_size_from_env() if world_size is None else world_size)
     return cfg
+
+
+def _written_scalars(config_path: str) -> dict[str, Any]:
+    """A config file's values as written, every scalar a string (YAML's base loader)."""
+    import yaml
+
+    with open(config_path) as f:
+        return yaml.load(f, Loader=yaml.BaseLoader)
 
 
 def _first_line(e: Exception) -> str:
