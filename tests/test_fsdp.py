@@ -101,6 +101,28 @@ def test_fsdp_gan_equals_whole_batch_reference_and_never_syncs_the_frozen_model(
     assert results()[0][GAN_CASE]["rounds"] == [[0, 0, 1], [0, 0, 1], [1], [1], [0, 0, 1], [0, 0, 1]]
 
 
+def test_the_structure_for_input_gradients_holds_no_data_and_keeps_ties():
+    import threading
+
+    import torch
+    from torch import nn
+
+    from disttrain.engines.fsdp import _meta_copy
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+    model[0].register_buffer("scale", torch.ones(4))
+    model.tied = model[0].weight  # a second name for one parameter
+    copy = _meta_copy(model)
+    assert all(t.is_meta for t in [*copy.parameters(), *copy.buffers()])
+    assert copy.tied is copy[0].weight and not model[0].weight.is_meta  # the original keeps its data
+    x = torch.randn(2, 3)
+    weights = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    torch.testing.assert_close(torch.func.functional_call(copy, weights, (x,)), model(x))
+    # A module that cannot be copied: FSDP still trains it; only its input-gradient forward is refused.
+    model.lock = threading.Lock()
+    assert isinstance(_meta_copy(model), TypeError)
+
+
 def test_fsdp_and_ddp_give_the_same_weights():
     fsdp, ddp = (
         results()[0][("classifier", "short", ACCUMULATION, "fsdp")],

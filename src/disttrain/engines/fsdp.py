@@ -165,8 +165,8 @@ class FSDPEngine(Engine):
 
         The backward of the gather reduce-scatters into the sharded gradients (divided by the process
         count, as FSDP's own reduction is), whatever the window's sync: exact, one reduction more per
-        such micro-batch. Precision follows FSDP's policy: gathered in float32, computed in bf16 under
-        mixed_precision=bf16, the output in float32."""
+        such micro-batch. Precision follows FSDP's policy: gathered in the weights' dtype, computed in
+        bf16 under mixed_precision=bf16, the output in float32."""
         name = next((n for n, m in self.models.items() if m is module), None)
         if name is None:
             return module  # not sharded by this engine
