@@ -47,12 +47,12 @@ def test_the_check_passes_on_correct_recipes(args):
     }
 
 
-def test_the_check_runs_on_deepspeed_and_still_finds_a_mean():
-    zero2 = "deepspeed_config=configs/deepspeed/zero2.json"
-    found = verdicts(BROKEN, zero2, "--worlds", "2")
+@pytest.mark.parametrize("engine", ["deepspeed_config=configs/deepspeed/zero2.json", "fsdp.enabled=true"])
+def test_the_check_runs_on_deepspeed_and_fsdp_and_still_finds_a_mean(engine):
+    found = verdicts(BROKEN, engine, "--worlds", "2")
     assert all(status == "PASS" for status, _, _ in found.values()), found
     assert "final weights equal the reference" in found["2 processes, shorter last window"][1]
-    mean = verdicts(BROKEN, zero2, "broken.bug=mean", "--worlds", "2")
+    mean = verdicts(BROKEN, engine, "broken.bug=mean", "--worlds", "2")
     assert mean["2 processes, shorter last window"][0] == "FAIL"
 
 

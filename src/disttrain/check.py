@@ -10,7 +10,7 @@ Options (before or among the key=value arguments):
   --float32          keep the recipe's own precision (looser tolerance); DeepSpeed always does
 
 Any run key may be given (`deepspeed_config=configs/deepspeed/zero2.json` checks the DeepSpeed
-engine). Use a scaled-down configuration of your model: the check is about the recipe's losses,
+engine, `fsdp.enabled=true` FSDP2). Use a scaled-down configuration of your model: the check is about the recipe's losses,
 counts and phases, not its size.
 """
 
@@ -81,8 +81,11 @@ def _phases(trainer: Any, step: int, float64: bool) -> list[Any]:
 
 
 def _grads(recipe: Any) -> dict[str, Any]:
+    from torch.distributed.tensor import DTensor
+
+    # FSDP's gradients are shards: gathered whole (a collective, in the same order on every process).
     return {
-        f"{name}.{p_name}": p.grad.detach().double().clone()
+        f"{name}.{p_name}": (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).detach().double().clone()
         for name, model in recipe.models.items()
         for p_name, p in model.named_parameters()
         if p.grad is not None
@@ -92,8 +95,10 @@ def _grads(recipe: Any) -> dict[str, Any]:
 def _params(recipe: Any, trainer: Any) -> dict[str, Any]:
     out = {}
     for name, model in recipe.exported_models().items():
-        with trainer.engine.full_weights(model):
-            out.update({f"{name}.{k}": v.detach().double().clone() for k, v in model.state_dict().items()})
+        with trainer.engine.full_weights(model):  # a collective: every process enters it
+            # The main process's weights are compared; elsewhere FSDP's state_dict holds shards.
+            if trainer.engine.is_main_process:
+                out.update({f"{name}.{k}": v.detach().double().clone() for k, v in model.state_dict().items()})
     return out
 
 
@@ -387,8 +392,9 @@ def run_check(argv: list[str]) -> tuple[list[Verdict], str]:
     cfg = resolve_config([*args, "tracker=none"], world_size=1)  # a bad key: one line, before any process
     float64 = float64 and not cfg.deepspeed_config
     rtol = 1e-7 if float64 else 1e-4
+    engine = "DeepSpeed" if cfg.deepspeed_config else "FSDP2" if cfg.fsdp.enabled else "DDP"
     header = [
-        f"disttrain.check: recipe={cfg.recipe}, engine {'DeepSpeed' if cfg.deepspeed_config else 'DDP'}, "
+        f"disttrain.check: recipe={cfg.recipe}, engine {engine}, "
         f"{'float64' if float64 else 'the recipe precision'} (tolerance {rtol:g} relative)",
         f"  reference: 1 process, each global batch of {GLOBAL_BATCH} as one micro-batch",
         "  checked:   "
