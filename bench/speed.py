@@ -19,7 +19,7 @@ import sys
 import tempfile
 from typing import Any
 
-from bench.harness import REPO, job_env, job_parser, run_args, spread, timed, write_result
+from bench.harness import REPO, interleave, job_env, job_parser, run_args, spread, write_result
 
 WORKLOAD = "1m"
 CAUSAL_LM_MICRO_BATCH = 8  # windows of the default 128 bytes: 1024 tokens a step
@@ -61,12 +61,11 @@ def throughput(reps: int, steps_per_rep: int, backend: str, recipe_args=seq2seq_
         compilation.stop()
         for step in range(warmup):
             eager.train_step(step)
-        seconds: dict[str, list[float]] = {"eager": [], "compiled": []}
-        for rep in range(reps):
-            block = range(warmup + rep * steps_per_rep, warmup + (rep + 1) * steps_per_rep)
-            for name, trainer in sorted((("eager", eager), ("compiled", compiled)), key=lambda _: rep % 2):
-                wall, _ = timed(lambda trainer=trainer, block=block: [trainer.train_step(s) for s in block])
-                seconds[name].append(wall)
+        sides = {
+            name: lambda block, trainer=trainer: [trainer.train_step(s) for s in block]
+            for name, trainer in (("eager", eager), ("compiled", compiled))
+        }
+        seconds = interleave(sides, reps, steps_per_rep, warmup=0, first_step=warmup)["seconds"]
         return {
             "backend": backend,
             "compile_s": compilation.seconds,
