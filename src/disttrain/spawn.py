@@ -51,6 +51,8 @@ _PRELOAD = ["disttrain.trainer"]
 
 
 def _context() -> Any:
+    if "forkserver" not in mp.get_all_start_methods():  # Windows: each process imports everything
+        return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(_PRELOAD)
     return ctx
