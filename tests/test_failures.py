@@ -11,7 +11,15 @@ from disttrain.config import ConfigError
 from disttrain.preflight import resolve_config
 from disttrain.trainer import Trainer
 from tests.dist import run_distributed
-from tests.workers import fail_one_rank, poisoned_steps
+from tests.workers import environment, fail_one_rank, poisoned_steps
+
+
+def test_processes_see_the_callers_environment_as_it_is_when_they_start(tmp_path, monkeypatch):
+    """They fork from a server started earlier, whose own environment is the one it started with."""
+    run_distributed(environment, 1, "DISTTRAIN_PROBE")  # the server is up (if no test started it yet)
+    monkeypatch.setenv("DISTTRAIN_PROBE", str(tmp_path))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    assert run_distributed(environment, 2, "DISTTRAIN_PROBE") == [(str(tmp_path), str(tmp_path))] * 2
 
 
 @pytest.mark.parametrize("how", ["dies", "hangs"])

@@ -226,6 +226,14 @@ def save_deepspeed_checkpoint(engine_config: str, output_dir: str) -> dict:
         return named_params({"model": trainer.recipe.models["model"]})
 
 
+def environment(name: str) -> tuple[str | None, str]:
+    """What a process sees: the variable `name`, and where temporary files go."""
+    import os
+    import tempfile
+
+    return os.environ.get(name), tempfile.gettempdir()
+
+
 def fail_one_rank(how: str, output_dir: str) -> None:
     """Rank 1 dies or stops answering after set-up; rank 0 trains into the silence."""
     import os
