@@ -47,6 +47,14 @@ def test_string_values_yaml_reads_as_booleans_stay_as_written(tmp_path):
     assert resolve_config([f"config={yaml}", "compile_dynamic=true"], world_size=1).compile_dynamic == "true"
 
 
+def test_a_path_from_home_is_expanded(tmp_path, monkeypatch):
+    """The shell leaves ~ after key= alone: output_dir=~/runs must not make a folder named "~"."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "run.yaml").write_text("steps: 7\n")
+    cfg = resolve_config(["config=~/run.yaml", "output_dir=~/runs"], world_size=1)
+    assert (cfg.steps, cfg.output_dir) == (7, str(tmp_path / "runs"))
+
+
 def test_accumulation_follows_from_world_size():
     cfg = resolve_config(["global_batch_size=64", "micro_batch_size=8"], world_size=4)
     assert [cfg.accumulation_steps(w) for w in (1, 2, 4, 8)] == [8, 4, 2, 1]

@@ -427,7 +427,7 @@ def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
         if key == "config":
             if config_path is not None:
                 raise ConfigError("config= given twice; pass one YAML file and override keys with key=value")
-            config_path = value
+            config_path = os.path.expanduser(value)
         else:
             overrides.append(arg)
     return config_path, overrides
@@ -504,6 +504,9 @@ def load_config(argv: list[str], world_size: int | None = None) -> Config:
     for key, value in flat_items(OmegaConf.to_container(merged)).items():
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{key}={value} must be a finite number")
+        if isinstance(value, str) and (value == "~" or value.startswith("~/")):
+            # The shell leaves ~ alone after key= (output_dir=~/runs): it would name a folder "~" here.
+            OmegaConf.update(merged, key, os.path.expanduser(value))
     cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     validate(cfg, world_size_from_env() if world_size is None else world_size)
     return cfg
