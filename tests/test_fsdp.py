@@ -38,8 +38,10 @@ WORLD_4 = [("classifier", w, a, m) for w, a in (("tiny", 4), ("short", ACCUMULAT
 GAN_CASE = ("gan", "short", ACCUMULATION, "fsdp")
 # R1 (lazy, every second D update; 2 D steps): its input-gradient pass runs on D's gathered weights
 # outside FSDP's hooks, and the penalty's gradient is reduce-scattered into the shards; at
-# accumulation 3 while the window's other reductions wait for its end, and on every micro-batch.
+# accumulation 3 while the window's other reductions wait for its end, on every micro-batch, and at
+# accumulation 4 with gathered weights kept between forward and backward (reshard_after_forward=false).
 GAN_R1_CASES = [("gan_r1", "short", ACCUMULATION, "fsdp"), ("gan_r1", "short", 1, "fsdp_every")]
+GAN_R1_CASES += [("gan_r1", "short", 4, "fsdp_keep")]
 # fsdp.cpu_offload on the CPU mesh, unpinned (preflight refuses it there; tests.workers sets it past
 # the checks): the exact update like every other case.
 OFFLOAD_CASE = ("classifier", "short", ACCUMULATION, "fsdp_offload")
