@@ -19,7 +19,7 @@ import sys
 import tempfile
 from typing import Any
 
-from bench.harness import REPO, interleave, job_env, job_parser, run_args, spread, write_result
+from bench.harness import REPO, interleave, job_env, job_parser, quiet_args, run_args, spread, write_result
 
 WORKLOAD = "1m"
 CAUSAL_LM_MICRO_BATCH = 8  # windows of the default 128 bytes: 1024 tokens a step
@@ -32,8 +32,6 @@ def seq2seq_args(runs: str) -> list[str]:
 
 
 def causal_lm_args(runs: str) -> list[str]:
-    from bench.harness import quiet_args
-
     return [
         "recipe=causal_lm",
         f"global_batch_size={CAUSAL_LM_MICRO_BATCH}",

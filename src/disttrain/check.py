@@ -10,8 +10,8 @@ Options (before or among the key=value arguments):
   --float32          keep the recipe's own precision (looser tolerance); DeepSpeed always does
 
 Any run key may be given (`deepspeed_config=configs/deepspeed/zero2.json` checks the DeepSpeed
-engine, `fsdp.enabled=true` FSDP2). Use a scaled-down configuration of your model: the check is about the recipe's losses,
-counts and phases, not its size.
+engine, `fsdp.enabled=true` FSDP2). Use a scaled-down configuration of your model: the check is
+about the recipe's losses, counts and phases, not its size.
 """
 
 from __future__ import annotations

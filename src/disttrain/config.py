@@ -479,10 +479,10 @@ def load_config(argv: list[str], world_size: int | None = None) -> Config:
         file_cfg = _load_file(config_path)
         parsed = flat_items(OmegaConf.to_container(file_cfg))
         _check_known(cls, list(parsed), f"in {config_path}")
-        written = None
-        for key, value in parsed.items():
-            if key in string_keys and isinstance(value, bool):
-                written = written or flat_items(_written_scalars(config_path))
+        booleans = [key for key, value in parsed.items() if key in string_keys and isinstance(value, bool)]
+        if booleans:
+            written = flat_items(_written_scalars(config_path))
+            for key in booleans:
                 OmegaConf.update(file_cfg, key, written[key])
         layers.append((file_cfg, config_path))
     for item in overrides:
