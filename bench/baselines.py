@@ -182,11 +182,31 @@ class AccelerateLoop:
             self._give_back()
 
 
-def template_loop(trainer: Any) -> Callable[[range], None]:
-    """The template side: its trainer's `train_step`, one per optimizer step."""
+class _Unrecorded:
+    """Progress that records nothing (disttrain.resilience.progress.Progress's interface)."""
+
+    def window(self, step: int, part: int, micro_batches: int) -> None:
+        pass
+
+    def at(self, phase: str, micro: int = -1) -> None:
+        pass
+
+    def backward(self) -> None:
+        pass
+
+
+def template_loop(trainer: Any, watched: bool = True) -> Callable[[range], None]:
+    """The template side: its trainer's `train_step`, one per optimizer step; with `watched` off, the
+    trainer records no progress for the watchdog meanwhile."""
 
     def run(steps: range) -> None:
-        for step in steps:
-            trainer.train_step(step)
+        recorded = trainer.progress
+        if not watched:
+            trainer.progress = _Unrecorded()
+        try:
+            for step in steps:
+                trainer.train_step(step)
+        finally:
+            trainer.progress = recorded
 
     return run

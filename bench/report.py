@@ -198,19 +198,24 @@ def _summary(results: dict[str, Any]) -> str:
                 f"≥ {LOOP_TARGET}x: {verdict}; by CPU time {_x(cpu)}",
             )
         )
-        wall = _speed_ratio(r["seconds"]["accelerate"], r["seconds"]["hand"])
-        cpu = _speed_ratio(r["cpu_seconds"]["accelerate"], r["cpu_seconds"]["hand"])
-        rows.append(("Accelerate `accumulate` / hand-written loop, 1.07 M model", _x(wall), f"by CPU time {_x(cpu)}"))
-        if "hand_copy" in r["seconds"]:
-            wall = _speed_ratio(r["seconds"]["hand_copy"], r["seconds"]["hand"])
-            cpu = _speed_ratio(r["cpu_seconds"]["hand_copy"], r["cpu_seconds"]["hand"])
+        rows.append(_ratio_row(r, "accelerate", "hand", "Accelerate `accumulate` / hand-written loop, 1.07 M model"))
+        if "template_unwatched" in r["seconds"]:
+            label = "Stall watchdog: template / the same recording no progress, steps/s, 1.07 M model"
+            rows.append(_ratio_row(r, "template", "template_unwatched", label, "; compare with the noise floor below"))
+        if "progress" in r:
+            p = r["progress"]
+            per_step = p["records_per_step"] * p["seconds_per_record"]
+            step = spread([t / r["steps_per_rep"] for t in r["seconds"]["template"]])["median"]
             rows.append(
                 (
-                    "Noise floor: the hand loop / an identical copy of it, 1.07 M model",
-                    _x(wall),
-                    f"by CPU time {_x(cpu)}; 1.000x with no noise",
+                    "Stall watchdog's records per step x CPU per record, 1.07 M model",
+                    f"{p['records_per_step']} x {p['seconds_per_record'] * 1e9:.0f} ns = {per_step * 1e6:.1f} µs",
+                    f"{per_step / step:.4%} of a step; the watchdog's thread sleeps between beats (5 s by default)",
                 )
             )
+        if "hand_copy" in r["seconds"]:
+            label = "Noise floor: the hand loop / an identical copy of it, 1.07 M model"
+            rows.append(_ratio_row(r, "hand_copy", "hand", label, "; 1.000x with no noise"))
     if "tiny" in loop:
         t = loop["tiny"]
         ours, ours_cpu = _added(t, "template")
@@ -296,6 +301,13 @@ def _summary(results: dict[str, Any]) -> str:
 """
 
 
+def _ratio_row(run: dict[str, Any], side: str, base: str, label: str, note: str = "") -> tuple[str, str, str]:
+    """A summary row: steps/s of `side` over `base`'s, by wall time, and by CPU time in the note."""
+    wall = _speed_ratio(run["seconds"][side], run["seconds"][base])
+    cpu = _speed_ratio(run["cpu_seconds"][side], run["cpu_seconds"][base])
+    return label, _x(wall), f"by CPU time {_x(cpu)}{note}"
+
+
 def _added(run: dict[str, Any], side: str) -> tuple[dict[str, float], dict[str, float]]:
     """Wall and per-process CPU seconds that `side` adds to the hand loop per micro-step."""
     micro = run["steps_per_rep"] * run["accumulation"]
@@ -358,7 +370,7 @@ def _loop(loop: dict[str, Any]) -> str:
     for workload, r in loop.items():
         s, c, steps = r["seconds"], r["cpu_seconds"], r["steps_per_rep"]
         hand_step = spread([t / steps for t in s["hand"]])
-        for side in ("template", "accelerate", "hand_copy"):
+        for side in ("template", "template_unwatched", "accelerate", "hand_copy"):
             if side not in s:
                 continue
             wall, cpu = _added(r, side)
@@ -377,7 +389,8 @@ seq2seq Transformer (`bench/harness.py` WORKLOADS), world size {any_run["world_s
 process), accumulation {any_run["accumulation"]}, micro-batch {", ".join(f"{w}: {r['micro_batch']}" for w, r in loop.items())},
 the same micro-batches and AdamW settings on every side. Each of {any_run["reps"]} repetitions times
 {", ".join(f"{r['steps_per_rep']} steps ({w})" for w, r in loop.items())} per side, sides in a shuffled order. `hand_copy` is a second, identical hand loop: its figures
-show how far this run's noise alone moves a ratio.
+show how far this run's noise alone moves a ratio. The stall watchdog runs beside every side, as in
+a run (`Trainer.watched`); `template_unwatched` is the same trainer recording no progress for it.
 Speed: steps/s of the side over the hand loop's, per repetition, by wall-clock time (the target's
 measure) and by CPU time summed over the processes (which leaves out time spent descheduled by other
 load on the machine, and time blocked in collectives). Added: (side − hand) per micro-step, wall

@@ -1,4 +1,11 @@
-"""The one way tests run train.py as a user would: under a real launcher, in fresh processes."""
+"""The one way tests run train.py as a user would: under a real launcher, in fresh processes.
+
+Every process a job starts (the launcher, its ranks, their DataLoader workers) carries a mark in its
+environment (`MARK`), so that all of them can be found in the process table and ended, even those
+that left the launcher's tree (torch's agent starts each rank in a session of its own; an orphan is
+adopted by init). A job that ends leaves none behind, or its test fails naming them; a job whose test
+is interrupted (a timeout, Ctrl-C, the suite's SIGTERM) has all of them killed.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 
 from tests.dist import free_port
@@ -15,6 +23,8 @@ from tests.dist import free_port
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ACCELERATE = os.path.join(os.path.dirname(sys.executable), "accelerate")
 PYTHON = [sys.executable]
+MARK = "DISTTRAIN_TEST_JOB"
+LINGER_S = 10.0  # how long a job's processes may take to go once its launcher ended
 
 
 def accelerate(config: str = "configs/accelerate/ddp.yaml") -> list[str]:
@@ -28,48 +38,106 @@ def _command(launcher: list[str], train_args: tuple[str, ...]) -> list[str]:
     return [*launcher, "train.py", *config, *train_args]
 
 
-def launch(launcher: list[str], *train_args: str, timeout: float = 300, ok: bool = True) -> subprocess.CompletedProcess:
-    """Run train.py under `launcher` (debug.yaml unless a config or recipe is given) and wait for it."""
-    try:
-        result = subprocess.run(
+def marked(mark: str, name: str = MARK) -> list[tuple[int, str]]:
+    """(pid, command line) of every live process whose environment holds `name`=`mark`."""
+    needle = f"{name}={mark}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if needle not in f.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                command = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:  # gone meanwhile, a zombie, or another user's
+            continue
+        found.append((int(entry), command))
+    return found
+
+
+def end_marked(mark: str, name: str = MARK) -> list[tuple[int, str]]:
+    """SIGKILL every process marked `mark` (until none is left); returns those found at first."""
+    first = marked(mark, name)
+    for _ in range(50):
+        alive = marked(mark, name)
+        if not alive:
+            break
+        for pid, _command in alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
+    return first
+
+
+class Job:
+    """train.py under `launcher`, started now (debug.yaml unless a config or recipe is given)."""
+
+    def __init__(self, launcher: list[str], *train_args: str, merge_output: bool = False):
+        self.mark = uuid.uuid4().hex
+        self.proc = subprocess.Popen(
             _command(launcher, train_args),
             cwd=REPO,
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT if merge_output else subprocess.PIPE,
             text=True,
-            timeout=timeout,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", MARK: self.mark},
         )
-    except subprocess.TimeoutExpired as e:
-        raise AssertionError(f"no result after {timeout}s; output so far:\n{e.stdout}\n{e.stderr}") from e
+
+    def __enter__(self) -> Job:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.end()
+
+    def processes(self) -> list[tuple[int, str]]:
+        return marked(self.mark)
+
+    def end(self) -> str:
+        """Kill every process of the job, wherever it is in the process table; its output so far."""
+        end_marked(self.mark)
+        if self.proc.poll() is None:
+            self.proc.kill()
+        out = ""
+        with contextlib.suppress(subprocess.TimeoutExpired, ValueError):  # ValueError: already read
+            out, err = self.proc.communicate(timeout=10)
+            out = (out or "") + (err or "")
+        return out
+
+    def wait_gone(self, timeout: float) -> float:
+        """Wait until no process of the job is left (the launcher may have been killed); the seconds it
+        took. Past `timeout`, kill what is left and fail, naming it."""
+        started = time.monotonic()
+        while self.processes():
+            if time.monotonic() - started > timeout:
+                left = end_marked(self.mark)
+                raise AssertionError(f"{len(left)} process(es) still running after {timeout}s: {left}")
+            time.sleep(0.05)
+        return time.monotonic() - started
+
+    def wait(self, timeout: float) -> subprocess.CompletedProcess:
+        """The launcher's result; the job's processes must all be gone soon after it (LINGER_S)."""
+        try:
+            out, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            self.end()
+            raise AssertionError(f"no result after {timeout}s; output so far:\n{e.stdout}\n{e.stderr}") from e
+        deadline = time.monotonic() + LINGER_S
+        while self.processes() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        left = end_marked(self.mark)
+        assert not left, f"the job left {len(left)} process(es) behind: {left}\n{(out or '')[-2000:]}"
+        return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, out, err or "")
+
+
+def launch(launcher: list[str], *train_args: str, timeout: float = 300, ok: bool = True) -> subprocess.CompletedProcess:
+    """Run train.py under `launcher` and wait for it."""
+    with Job(launcher, *train_args) as job:
+        result = job.wait(timeout)
     if ok:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
-
-
-def process_tree(pid: int) -> list[int]:
-    """`pid` and all its descendants. torch's launcher starts each rank in a session of its own, so
-    killing the launcher's process group would leave the ranks running."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue  # exited meanwhile
-            children.setdefault(ppid, []).append(int(entry))
-    tree, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        tree.append(p)
-        todo += children.get(p, [])
-    return tree
-
-
-def _kill_tree(pid: int) -> None:
-    for p in process_tree(pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(p, signal.SIGKILL)
 
 
 def kill_when(
@@ -80,34 +148,22 @@ def kill_when(
     timeout: float = 150,
     sig: signal.Signals | None = None,
 ) -> subprocess.CompletedProcess:
-    """Start train.py, SIGKILL the launcher and every rank `delay` seconds after `ready()` turns true;
-    or, with `sig`, send that signal to the launcher alone and wait for the run to end."""
-    proc = subprocess.Popen(
-        _command(launcher, train_args),
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    deadline = time.monotonic() + timeout
-    while not ready():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            _kill_tree(proc.pid)
-            out, _ = proc.communicate()
-            raise AssertionError(
-                f"the run {'ended' if proc.returncode is not None else 'hung'} before it was ready:\n{out}"
-            )
-        time.sleep(0.02)
-    time.sleep(delay)
-    if sig is None:
-        _kill_tree(proc.pid)
-    else:
-        proc.send_signal(sig)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _kill_tree(proc.pid)
-        out, _ = proc.communicate()
-        raise AssertionError(f"the run did not end within {timeout}s of {sig!r}:\n{out}") from None
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+    """Start train.py, SIGKILL the launcher and every process of the job `delay` seconds after
+    `ready()` turns true; or, with `sig`, send that signal to the launcher alone and wait for the run
+    to end."""
+    with Job(launcher, *train_args, merge_output=True) as job:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if job.proc.poll() is not None or time.monotonic() > deadline:
+                state = "ended" if job.proc.poll() is not None else "hung"
+                raise AssertionError(f"the run {state} before it was ready:\n{job.end()}")
+            time.sleep(0.02)
+        time.sleep(delay)
+        if sig is None:
+            out = job.end()
+            return subprocess.CompletedProcess(job.proc.args, job.proc.returncode, out, "")
+        job.proc.send_signal(sig)
+        try:
+            return job.wait(timeout)
+        except AssertionError as e:
+            raise AssertionError(f"the run did not end within {timeout}s of {sig!r}: {e}") from None

@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from tests.dist import free_port
+from tests.launcher import end_marked
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = os.path.dirname(sys.executable)
@@ -35,6 +36,7 @@ NODES = ("n1", "n2")
 # The daemons live in sbin; a root shell usually has it on PATH, a CI runner's environment may not.
 SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin", "/usr/bin"])
 READY_TIMEOUT = 60.0
+MARK = "DISTTRAIN_SLURM_CLUSTER"  # in the environment of every process of the cluster: its root
 
 
 class SlurmCluster:
@@ -47,10 +49,11 @@ class SlurmCluster:
         self.logs: dict[str, list[Path]] = {}  # each daemon's log file (if it has one) and its output
 
     def env(self, **extra: str) -> dict[str, str]:
-        """The environment for Slurm commands and the jobs they submit (sbatch exports it whole)."""
+        """The environment for Slurm commands and the jobs they submit (sbatch exports it whole). It
+        marks every process of the cluster, daemons and jobs alike (MARK), for `stop` to find."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}  # e.g. CI itself in a job
         env.update(SLURM_CONF=str(self.conf), PATH=os.pathsep.join([VENV_BIN, SEARCH_PATH]), PYTHONUNBUFFERED="1")
-        return {**env, **extra}
+        return {**env, MARK: str(self.root), **extra}
 
     def command(self, *args: str, check: bool = True, **env: str) -> subprocess.CompletedProcess:
         """Run a Slurm command in the repository root; `env` adds to the environment a job inherits."""
@@ -152,6 +155,8 @@ class SlurmCluster:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+        # A job still running (its step daemons outlive slurmd) would train on with nobody to end it.
+        end_marked(str(self.root), MARK)
         shutil.rmtree(self.root, ignore_errors=True)
 
     def _daemon(self, name: str, args: list[str], log: str | None = None, user: str | None = None) -> None:

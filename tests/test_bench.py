@@ -34,11 +34,13 @@ def test_loop_comparison_runs_one_repetition_and_renders():
 
     assert result["world_size"] == 2 and result["accumulation"] == 8
     assert result["parameters"] > 0
-    assert set(result["seconds"]) == {"template", "hand", "accelerate", "hand_copy"}
+    assert set(result["seconds"]) == {"template", "template_unwatched", "hand", "accelerate", "hand_copy"}
     assert all(len(times) == 1 and times[0] > 0 for times in result["seconds"].values())
+    assert result["progress"]["records_per_step"] > 0 and result["progress"]["seconds_per_record"] > 0
 
     report = render({"environment": ENVIRONMENT, "quick": True, "results": {"loop": {"tiny": result}}})
     assert "| tiny (" in report and "Template's added wall time per micro-step" in report
+    assert "| tiny (" in report and "| template_unwatched |" in report
 
 
 @pytest.mark.slow

@@ -136,6 +136,10 @@ def test_accumulation_below_one_is_refused():
         (["recipe=gan", "gan.d_steps=0"], "gan.d_steps=0 must be >= 1"),
         (["recipe=gan", "gan.r1_every=0"], "gan.r1_every=0 must be >= 1"),
         (["recipe=gan", "gan.ema_decay=1"], "gan.ema_decay=1.0 must lie in [0, 1)"),
+        (["stall_timeout_s=-1"], "stall_timeout_s=-1 must be >= 0"),
+        (["data_timeout_s=-5"], "data_timeout_s=-5 must be >= 0"),
+        (["stop_grace_s=-1"], "stop_grace_s=-1 must be >= 0"),
+        (["stall_timeout_s=0", "data_timeout_s=0", "stop_grace_s=0"], None),  # 0 turns each off
         (["recipe=gan", "steps=10", "gan.d_steps=2", "gan.discriminator.warmup_steps=15"], None),
         (
             ["recipe=gan", "steps=10", "gan.d_steps=2", "gan.discriminator.warmup_steps=25"],

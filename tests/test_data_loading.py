@@ -3,6 +3,8 @@ depend on the number of workers or processes, nor on a resume; data the plan can
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -81,6 +83,12 @@ def test_workers_give_bit_identical_weights(tmp_path):
 def test_two_processes_with_workers_train_like_one(tmp_path):
     # Dropout off: its masks are drawn by each process. The augmentation stays on.
     one = final_weights(tmp_path, "one", "augmented.dropout=0")
+    # Under a TMPDIR too long for a socket path (a SLURM job's can be): a worker handing a batch over
+    # listens on a socket there, failed, and dropped the batch; this run waited for it forever
+    # (disttrain.unix_sockets). conftest restores TMPDIR after the test.
+    long = tmp_path / ("t" * max(1, 100 - len(str(tmp_path))))
+    long.mkdir()
+    os.environ["TMPDIR"] = str(long)
     launch(
         accelerate(),
         *AUGMENTED,

@@ -181,3 +181,53 @@ def test_warned_and_preempted_job_resumes_as_if_never_stopped(
     assert straight.keys() == resumed.keys()
     for name in straight:
         assert torch.equal(resumed[name], straight[name]), f"{name} differs from the job that was never stopped"
+
+
+def one_process_job(cluster: SlurmCluster, train: tuple[str, ...], workdir: Path) -> tuple[int, Path]:
+    """The single-node script with one (fake) GPU: one process. Returns the job and its log."""
+    log = workdir / "job.out"
+    sbatch = ("--gpus-per-node=1", "--cpus-per-task=1", "--time=10")
+    job = cluster.submit("slurm/single_node.sbatch", f"--output={log}", *sbatch, train_args=train, TMPDIR=str(workdir))
+    return job, log
+
+
+def test_a_cancelled_job_checkpoints_and_ends_without_a_requeue(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    """scancel: SIGTERM, like a preemption, but the job must not come back. While its tasks run, a
+    cancelled job reads COMPLETING (not CANCELLED), and was requeued before that was known."""
+    train = (*TRAIN[:1], "steps=100000", *TRAIN[2:], f"output_dir={tmp_path / 'runs'}")
+    job, log = one_process_job(slurm_cluster, train, tmp_path)
+    wait_for(slurm_cluster, job, log, lambda text: "step 1:" in text, "never started training")
+    slurm_cluster.command("scancel", str(job))
+    info = slurm_cluster.wait(job, log)
+    text = log.read_text()
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", slurm_cluster.report(log)
+    assert re.search(
+        rf"^stopped at step \d+ of 100000 on SIGTERM: checkpoint .*; job {job} was cancelled: not requeued$",
+        text,
+        re.MULTILINE,
+    ), text
+
+
+def test_a_stalled_job_is_requeued_once_and_stops_when_it_stalls_there_again(
+    slurm_cluster: SlurmCluster, tmp_path: Path
+) -> None:
+    """A stall ends the job's processes (exit status 4) and requeues the job: a passing cause (a hung
+    file system, a bad node) is then behind it. This fault strikes again at the same step: the second
+    stall there is the run's own, and the job ends with that said instead of looping."""
+    train = (
+        "recipe=tests.fixture_recipes.stalling",
+        "stalling.rank=0",
+        "data.num_workers=1",
+        "data_timeout_s=3",
+        "progress_bar=false",
+        "tracker=none",
+        f"output_dir={tmp_path / 'runs'}",
+    )
+    job, log = one_process_job(slurm_cluster, train, tmp_path)
+    info = slurm_cluster.wait(job, log)
+    text = log.read_text()
+    assert info["Restarts"] == "1" and info["JobState"] == "FAILED", slurm_cluster.report(log)
+    stalls = re.findall(r"^stalled: process 0 made no progress for \d+s in data at step (\d+) .*$", text, re.MULTILINE)
+    assert len(stalls) == 2 and stalls[0] == stalls[1], text
+    assert f"; requeued job {job}, which resumes from its newest checkpoint; exit status 4" in text, text
+    assert f"; job {job} not requeued: its attempt before stalled at this step too; exit status 4" in text, text

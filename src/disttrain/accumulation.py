@@ -81,13 +81,15 @@ def accumulate_window(
     terms: Sequence[str],
     item_counts: ItemCounts,
     losses: BatchLosses,
+    on_micro_batch: Callable[[int], None] | None = None,
 ) -> WindowResult:
     """Forward and backward every micro-batch of one window, leaving the exact window gradient.
 
     `models` are those trained by this window (their sync is controlled). `item_counts(batch)` gives
     each loss term's item count without a forward (samples, or valid tokens); `losses(batch)` yields
     `(term, summed loss)` in the order of `terms`, each backpropagated at once so that its graph is
-    freed before the next term is computed.
+    freed before the next term is computed. `on_micro_batch(i)` is called before micro-batch i's
+    forward (the trainer records its progress there for the watchdog).
 
     Everything that does not depend on the micro-batch is done once per window: the loop adds one
     multiply per loss term to a plain training loop (measured in bench/).
@@ -108,6 +110,8 @@ def accumulate_window(
     sums: list[list[torch.Tensor]] = [[] for _ in terms]
     last_micro, last_term = len(micro_batches) - 1, len(terms) - 1
     for i, mb in enumerate(micro_batches):
+        if on_micro_batch is not None:
+            on_micro_batch(i)
         stream = losses(mb.batch)
         for j, term in enumerate(terms):
             with engine.sync_context(models, sync=(i == last_micro and j == last_term)):

@@ -57,6 +57,9 @@ RESUMABLE_CHANGES = (
     "resume",
     "on_nonfinite",
     "collective_timeout_s",
+    "stall_timeout_s",
+    "data_timeout_s",
+    "stop_grace_s",
     "tracker",
     "wandb",
     "data",  # how micro-batches are loaded, not which

@@ -218,7 +218,22 @@ class Config:
         "stop", f"a NaN/inf loss or gradient: {' or '.join(NONFINITE_ACTIONS)} (stop writes a checkpoint first)"
     )
     collective_timeout_s: int = setting(
-        600, "a collective that waits longer (dead or hung process) ends the run with an error"
+        2400,
+        "a collective that waits longer (a dead or hung process) ends the run with an error; the backstop "
+        "behind stall_timeout_s, which ends a stall first and says where it is",
+    )
+    stall_timeout_s: int = setting(
+        1800,
+        "the watchdog ends a process that makes no progress (no micro-batch, no phase moves) for longer, with a "
+        "report in <run directory>/stalls/ and exit status 4; 0 turns it off",
+    )
+    data_timeout_s: int = setting(
+        300, "the same for a wait for one micro-batch (a stuck DataLoader worker, a hung file system); 0: off"
+    )
+    stop_grace_s: int = setting(
+        120,
+        "after a stop signal, a process that makes no progress for longer before the step boundary stops without "
+        "a checkpoint (with a report) instead of waiting forever; 0: off",
     )
     data: DataLoaderConfig = section(DataLoaderConfig, "the DataLoader feeding the micro-batches")
     tracker: str = setting("wandb", f"experiment tracker: {', '.join(TRACKERS)}")
@@ -577,6 +592,8 @@ def validate(cfg: Config, world_size: int) -> None:
         raise ConfigError(f"resume={cfg.resume}: no such checkpoint directory; use auto, never or a checkpoint path")
     one_of("on_nonfinite", cfg.on_nonfinite, NONFINITE_ACTIONS)
     at_least("collective_timeout_s", cfg.collective_timeout_s, 1)
+    for key in ("stall_timeout_s", "data_timeout_s", "stop_grace_s"):
+        at_least(key, getattr(cfg, key), 0)
     cfg.data.validate()
     one_of("tracker", cfg.tracker, TRACKERS)
     if cfg.wandb.mode:

@@ -11,8 +11,11 @@ import contextlib
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
+
+from disttrain.parent_death import signal_on_parent_death
 
 # SIGUSR1: SLURM's warning before the time limit; SIGTERM: preemption, scancel, a launcher that
 # ended (see stop_with_the_launcher); SIGINT: Ctrl-C, which `accelerate launch` passes on; SIGHUP:
@@ -20,8 +23,9 @@ from collections.abc import Callable, Iterator
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 # Exit statuses of train.py (documented in the README). Through `accelerate launch`, torch's agent
-# reports any non-zero rank as 1: the run directory's status.json says which it was.
-EXIT_FINISHED, EXIT_FAILED, EXIT_REFUSED, EXIT_STOPPED = 0, 1, 2, 3
+# reports any non-zero rank as 1: the run directory's status.json says which it was. 4: ended by the
+# watchdog (disttrain.resilience.watchdog): no progress within its limits, no checkpoint written.
+EXIT_FINISHED, EXIT_FAILED, EXIT_REFUSED, EXIT_STOPPED, EXIT_STALLED = 0, 1, 2, 3, 4
 
 DUPLICATE_S = 1.0  # a second signal sooner than this after the first is the same request
 
@@ -35,12 +39,18 @@ def slurm_job() -> str:
 
 
 @contextlib.contextmanager
-def stop_signals_caught(on_signal: Callable[[str], None]) -> Iterator[None]:
+def stop_signals_caught(
+    on_signal: Callable[[str], None], wakeup_fd: int | None = None, at_once: Callable[[], None] | None = None
+) -> Iterator[None]:
     """Inside the block, a stop signal calls `on_signal(name)` instead of ending the process; a
     second one stops at once (KeyboardInterrupt), so that nobody is trapped in a long step.
 
     One event can deliver a signal twice within milliseconds (a launcher's end: its ranks each
     get two SIGTERMs); a repeat within DUPLICATE_S of the first is taken as the same request.
+    The main thread runs these handlers only between bytecodes, never inside a collective: the
+    watchdog hears of each signal at once through `wakeup_fd` (non-blocking; `signal.set_wakeup_fd`
+    writes the signal's number there), and through `at_once()` that the main thread itself stops at
+    once on a second one.
     """
     caught: list[tuple[str, float]] = []
 
@@ -49,6 +59,8 @@ def stop_signals_caught(on_signal: Callable[[str], None]) -> Iterator[None]:
         if caught:
             if time.monotonic() - caught[0][1] < DUPLICATE_S:
                 return
+            if at_once is not None:
+                at_once()
             raise KeyboardInterrupt(f"{name} after {caught[0][0]}: stopped at once, without a checkpoint")
         caught.append((name, time.monotonic()))
         on_signal(name)
@@ -57,36 +69,47 @@ def stop_signals_caught(on_signal: Callable[[str], None]) -> Iterator[None]:
         previous = {s: signal.signal(s, catch) for s in STOP_SIGNALS}
     except ValueError:  # not the main thread: leave signals to whoever owns them
         previous = {}
+    previous_fd = signal.set_wakeup_fd(wakeup_fd, warn_on_full_buffer=False) if previous and wakeup_fd else None
     try:
         yield
     finally:
+        if previous_fd is not None:
+            signal.set_wakeup_fd(previous_fd)
         for s, handler in previous.items():
             signal.signal(s, handler)
 
 
 def requeue(job: str, reason: str) -> str:
-    """`scontrol requeue` the job, unless a SIGTERM came from its cancellation (scancel).
+    """`scontrol requeue` the job, unless it was cancelled (scancel): after `reason`, a stop signal
+    or a stall (the watchdog's), the job resumes from its newest checkpoint.
 
     Preemption (SIGTERM within the partition's GraceTime) and the warning before the time limit
     (SIGUSR1) requeue; a job whose tasks end first counts as completed, so the job must do it.
     SLURM then sends SIGTERM to the job, this call's process included: the call runs with SIGTERM
-    ignored (the child inherits that).
+    ignored (main thread) or blocked (another thread: the watchdog's), and its child inherits that.
     """
-    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN) if main else None
+    if not main:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:
-        if reason == "SIGTERM":
-            shown = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True)
-            state = next((f.split("=", 1)[1] for f in shown.stdout.split() if f.startswith("JobState=")), "")
-            if state == "CANCELLED":
-                return f"job {job} was cancelled: not requeued"
+        shown = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True)
+        fields = dict(f.split("=", 1) for f in shown.stdout.split() if "=" in f)
+        # While its tasks still run, a cancelled job reads COMPLETING; a preempted one RUNNING, with
+        # the time of its preemption.
+        if fields.get("JobState") in ("CANCELLED", "COMPLETING") and fields.get("PreemptTime") == "None":
+            return f"job {job} was cancelled: not requeued"
         done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
     except FileNotFoundError:
         return f"could not requeue job {job}: no scontrol on PATH"
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+        else:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     if done.returncode != 0:
         return f"scontrol requeue {job} failed ({(done.stderr or done.stdout).strip()})"
-    return f"requeued job {job}, which resumes from it"
+    return f"requeued job {job}, which resumes from its newest checkpoint"
 
 
 def stop_reason(signal_name: str | None) -> str:
@@ -113,20 +136,11 @@ def stop_with_the_launcher() -> None:
     The agent starts every rank in a session of its own, so a signal that ends the launcher (SIGUSR1
     sent to it alone, SIGKILL) would otherwise never reach the ranks. Linux only (prctl).
     """
-    if "TORCHELASTIC_RUN_ID" not in os.environ or not os.path.exists("/proc/self"):
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
         return
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return
-    if libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0) != 0:
-        return
-    _LAUNCHER.append(os.getppid())
-    if launcher_gone():  # it ended before the request took effect
-        os.kill(os.getpid(), signal.SIGTERM)
+    launcher = os.getppid()
+    if signal_on_parent_death(signal.SIGTERM):
+        _LAUNCHER.append(launcher)
 
 
 def launcher_gone() -> bool:

@@ -77,15 +77,6 @@ def write_run_config(run_dir: str, cfg: Config, engine: Engine) -> None:
     engine.wait_for_everyone()
 
 
-def write_status(run_dir: str, state: str, step: int, detail: str = "") -> None:
-    """`status.json` in the run directory: finished, stopped (resumable) or failed, at which step.
-    What a wrapper reads where `accelerate launch` folds every non-zero exit into 1. Main process."""
-    path = os.path.join(run_dir, "status.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump({"state": state, "step": step, "detail": detail}, f)
-    os.replace(path + ".tmp", path)
-
-
 def _me() -> dict[str, object]:
     return {
         "host": socket.gethostname(),

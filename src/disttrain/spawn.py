@@ -9,16 +9,22 @@ here with that rank's traceback; a hang is killed after `timeout`.
 
 from __future__ import annotations
 
+import atexit
 import gc
 import os
 import pickle
+import signal
 import socket
 import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
 
 import torch.multiprocessing as mp
+
+from disttrain.parent_death import signal_on_parent_death
+from disttrain.unix_sockets import short_socket_dir
 
 # Ports come from below Linux's ephemeral range (32768-60999), in turn. A port taken from that range
 # with bind(0) and released is free for the kernel to hand to any other socket (the source port of an
@@ -53,6 +59,7 @@ _PRELOAD = ["disttrain.trainer"]
 def _context() -> Any:
     if "forkserver" not in mp.get_all_start_methods():  # Windows: each process imports everything
         return mp.get_context("spawn")
+    short_socket_dir()  # the server listens on a socket under TMPDIR, which may be too long for one
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(_PRELOAD)
     return ctx
@@ -61,6 +68,9 @@ def _context() -> Any:
 def _worker(
     rank: int, world_size: int, port: int, out_dir: str, env: dict[str, str], fn: Callable, args: tuple
 ) -> None:
+    # Forked by the server, which ends with its caller: so does this process, even when the caller
+    # was killed before it could end it.
+    signal_on_parent_death(signal.SIGKILL)
     # The server's environment is the one it started with: take the caller's as it is now (and
     # forget a temporary directory the server's imports may have looked up under its TMPDIR).
     os.environ.clear()
@@ -103,6 +113,18 @@ def _shutdown(barrier: bool) -> None:
     PartialState._reset_state()
 
 
+# Processes started and not yet ended. At exit multiprocessing joins its children, which would wait
+# for ranks that a caller in another thread left running: they are killed first.
+_LIVE: set = set()
+
+
+@atexit.register
+def _kill_live() -> None:
+    for p in list(_LIVE):
+        if p.is_alive():
+            p.kill()
+
+
 def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 240) -> list[Any]:
     """Run `fn(*args)` on `world_size` gloo ranks; return the ranks' results in rank order."""
     with tempfile.TemporaryDirectory(prefix="disttrain-dist-") as out_dir:
@@ -111,15 +133,20 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
         procs = [
             ctx.Process(target=_worker, args=(r, world_size, port, out_dir, env, fn, args)) for r in range(world_size)
         ]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout)
-        hung = [r for r, p in enumerate(procs) if p.is_alive()]
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
+        _LIVE.update(procs)
+        try:
+            for p in procs:
+                p.start()
+            deadline = time.monotonic() + timeout
+            for p in procs:
+                p.join(max(0.0, deadline - time.monotonic()))
+            hung = [r for r, p in enumerate(procs) if p.is_alive()]
+        finally:  # also when the caller is interrupted (Ctrl-C, a test suite's SIGTERM)
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+            _LIVE.difference_update(procs)
         results = []
         for r in range(world_size):
             path = os.path.join(out_dir, f"rank{r}.pkl")

@@ -10,9 +10,11 @@ the run directory and the printed summaries.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import os
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 
 import torch
@@ -34,6 +36,7 @@ from disttrain.checkpoint import (
 from disttrain.config import Config, ConfigError, exit_with_config_error, is_main_launch_process
 from disttrain.data.loader import Loaded, plan_loader
 from disttrain.data.windows import WindowSampler
+from disttrain.data.workers import DataLoaderFailed, forked_accounts, loading
 from disttrain.engines import build_engine
 from disttrain.metrics import Meter, PhaseResult, StepResult
 from disttrain.preemption import (
@@ -47,7 +50,21 @@ from disttrain.preemption import (
     stop_with_the_launcher,
 )
 from disttrain.recipe import Phase, Recipe, build_recipe
-from disttrain.rundir import RunDirError, make_run_dir, release_lock, write_run_config, write_status
+from disttrain.resilience.progress import (
+    CHECKPOINT,
+    COUNTS,
+    DATA,
+    EVALUATION,
+    EXPORT,
+    FORWARD,
+    OPTIMIZER,
+    STARTUP,
+    STEP_END,
+    Progress,
+)
+from disttrain.resilience.watchdog import CollectiveFailure, Limits, Watchdog
+from disttrain.run_status import write_status
+from disttrain.rundir import RunDirError, make_run_dir, release_lock, write_run_config
 from disttrain.safe_files import CheckpointError
 from disttrain.speed.activation_checkpointing import checkpoint_blocks
 from disttrain.speed.compiling import Compilation, compile_models, compiled_graphs
@@ -79,7 +96,9 @@ class Trainer:
         `cfg` comes from `disttrain.preflight.resolve_config` and is not changed here.
         """
         self.cfg = cfg
-        self.progress: tqdm | None = None  # the main process's progress bar, while fit() runs
+        self.bar: tqdm | None = None  # the main process's progress bar, while fit() runs
+        self.progress = Progress()  # where this process is: the watchdog reads it
+        self.watchdog: Watchdog | None = None  # while fit() runs
         set_seed(cfg.seed)  # identical initialisation on every process
         self.recipe = recipe or build_recipe(cfg)
         self.recipe.seed = cfg.seed
@@ -99,6 +118,7 @@ class Trainer:
         self.models, self.groups = self.engine.models, self.engine.groups
         self.sampler = WindowSampler(self.recipe.num_train, cfg.global_batch_size, cfg.micro_batch_size, cfg.seed)
         self.run_dir, taken_over = make_run_dir(cfg, self.engine)
+        self.board_key = self.engine.share_from_main(uuid.uuid4().hex[:16])  # this run's keys in the job's store
         if taken_over:
             self.say(taken_over)
         self.recipe.run_dir, self.recipe.main_process = self.run_dir, self.engine.is_main_process
@@ -134,11 +154,12 @@ class Trainer:
         results, samples, waited = [], 0, 0.0
         for i, phase in enumerate(self.recipe.phases(step)):
             plans = self.sampler.window(phase.data_step, self.rank, self.world_size)
+            self.progress.window(step, i, len(plans))
             if batches is None:
-                loaded = [phase.make_batch(p) for p in plans]
+                loaded = [self._make_batch(phase, p, k) for k, p in enumerate(plans)]
             else:
                 started = time.perf_counter()
-                loaded = [self._next_batch(batches, step, i) for _ in plans]
+                loaded = [self._next_batch(batches, step, i, k) for k in range(len(plans))]
                 waited += time.perf_counter() - started
             micro_batches = [MicroBatch(b, p.stand_in) for b, p in zip(loaded, plans, strict=True)]
             window = self.backward_window(phase, micro_batches)
@@ -149,8 +170,12 @@ class Trainer:
                 return StepResult(results, samples, waited, halted=True, untouched=i == 0)
         return StepResult(results, samples, waited)
 
-    @staticmethod
-    def _next_batch(batches: Iterator[Loaded], step: int, phase: int) -> object:
+    def _make_batch(self, phase: Phase, plan: object, micro: int) -> object:
+        self.progress.at(DATA, micro)
+        return phase.make_batch(plan)
+
+    def _next_batch(self, batches: Iterator[Loaded], step: int, phase: int, micro: int) -> object:
+        self.progress.at(DATA, micro)
         loaded = next(batches)
         if (loaded.request.step, loaded.request.phase) != (step, phase):  # the walk and the loop disagree
             raise RuntimeError(f"step {step} phase {phase} got the micro-batch planned for {loaded.request}")
@@ -162,6 +187,7 @@ class Trainer:
             plans = self.sampler.window(phase.data_step, self.rank, self.world_size)
             micro_batches = [MicroBatch(phase.make_batch(p), p.stand_in) for p in plans]
         micro_batches = [MicroBatch(send_to_device(mb.batch, self.engine.device), mb.stand_in) for mb in micro_batches]
+        self.progress.at(COUNTS)
         with frozen(phase.frozen), self.engine.precision():
             window = accumulate_window(
                 self.engine,
@@ -169,13 +195,24 @@ class Trainer:
                 micro_batches,
                 phase.terms,
                 phase.item_counts,
-                lambda batch: phase.losses(self.models, batch),
+                lambda batch: self._losses(phase, batch),
+                self._forward,
             )
         self._check_no_stray_gradients(phase)
         return window
 
+    def _forward(self, micro: int) -> None:
+        self.progress.at(FORWARD, micro)
+
+    def _losses(self, phase: Phase, batch: object) -> Iterator[tuple[str, torch.Tensor]]:
+        """The recipe's losses of a micro-batch; each one's backward follows it (watchdog's progress)."""
+        for term, loss in phase.losses(self.models, batch):
+            self.progress.backward()
+            yield term, loss
+
     def optimizer_step(self, phase: Phase, window: WindowResult | None = None) -> UpdateResult:
         """Update the phase's models unless the window's gradient is not finite."""
+        self.progress.at(OPTIMIZER)
         update = self.engine.update(phase.models, phase.groups, window)
         self.overflow_steps += update.skipped
         self.nonfinite_steps += update.nonfinite
@@ -235,10 +272,11 @@ class Trainer:
     def fit(self) -> dict[str, float]:
         cfg = self.cfg
         epochs = self.recipe.data_steps(cfg.steps) / self.sampler.steps_per_epoch
+        self.progress.window(self.start_step, 0, 0)  # start-up, before the first step this run trains
         self.say(startup_line(cfg, self.world_size, self.accumulation, self.groups, epochs, self.run_dir))
         for line in speed_lines(cfg, self.checkpointed_blocks, self.run_dir):
             self.say(line)
-        self.progress = tqdm(
+        self.bar = tqdm(
             total=cfg.steps,
             initial=self.start_step,
             disable=not (self.engine.is_main_process and cfg.progress_bar),
@@ -246,21 +284,23 @@ class Trainer:
         )
         meter, start = Meter(self.engine.reduce_sum, self.world_size, self.engine.device), time.perf_counter()
         with (
-            stop_signals_caught(self._stop_requested),
+            self.watched() as watchdog,
+            stop_signals_caught(self._stop_requested, watchdog.signal_fd, watchdog.main_thread_stops),
             self._collective_failures_explained(),
             self._tracking_closed(),
-            self.progress,
+            self.bar,
             self._micro_batches() as batches,
             self._profiled() as profiler,
         ):
             for step in range(self.start_step, cfg.steps):
                 result = self._measured_step(step, batches, meter)  # train_step, FLOPs counted once
                 profiler.step()
+                self.progress.at(STEP_END)
                 if result.halted:
                     self._halt_on_nonfinite(step, result)
                 done = self.step = step + 1
                 meter.add(result)
-                self.progress.update(1)
+                self.bar.update(1)
                 if done % cfg.log_every == 0 or done == cfg.steps:
                     self._log(done, meter.report(self.groups, result))
                 if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
@@ -269,12 +309,15 @@ class Trainer:
                 saved = None
                 if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done != cfg.steps:
                     saved = self.save_checkpoint(done)
+                self.progress.at(STEP_END)
                 if self.accelerator.check_trigger():  # a process caught a stop signal: all stop here
                     self.stopped = True
+                    watchdog.boundary_reached()
                     self._stop_on_signal(done, saved or self.save_checkpoint(done))
                     return {}
             train_time = time.perf_counter() - start
-            self.progress.close()
+            watchdog.boundary_reached()
+            self.bar.close()
             if self.start_step < cfg.steps:
                 self.save_checkpoint(cfg.steps)
             metrics = self.evaluate(step=cfg.steps)
@@ -307,10 +350,32 @@ class Trainer:
         return profiled(enabled, cfg.profile_start, cfg.profile_steps, self.run_dir, self.rank)
 
     @contextlib.contextmanager
+    def watched(self) -> Iterator[Watchdog]:
+        """fit() under the watchdog (disttrain.resilience.watchdog): a process that stops making
+        progress ends with a report instead of waiting forever. bench/loop.py runs steps under it."""
+        cfg = self.cfg
+        self.progress.at(STARTUP)  # the watch starts now, not when the trainer was built
+        self.watchdog = Watchdog(
+            Limits(cfg.stall_timeout_s, cfg.data_timeout_s, cfg.stop_grace_s),
+            self.progress,
+            self.rank,
+            self.world_size,
+            cfg.steps,
+            self.run_dir,
+            self.board_key,
+        )
+        try:
+            with self.watchdog.running():
+                yield self.watchdog
+        finally:
+            self.watchdog = None
+
+    @contextlib.contextmanager
     def _micro_batches(self) -> Iterator[Iterator[Loaded]]:
         """The run's micro-batches from here to the last step, loaded ahead by the DataLoader's workers;
-        the workers end with the block."""
+        the workers end with the block. A worker that dies fails it, named with what it said."""
         data = self.cfg.data
+        accounts = forked_accounts(data.num_workers)
         loader = plan_loader(
             self.recipe.phases,
             self.sampler,
@@ -322,30 +387,31 @@ class Trainer:
             data.prefetch_factor,
             data.pin_memory,
             self.accumulation * len(self.recipe.phases(self.start_step)),
+            accounts,
         )
-        batches = iter(loader)
-        try:
-            yield batches
-        finally:
-            # The workers end now, not whenever the iterator is collected (fit's frame may outlive it).
-            shutdown = getattr(batches, "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()
+        with loading(loader, accounts) as workers:
+            if self.watchdog is not None:
+                self.watchdog.workers = workers
+            try:
+                yield workers.iterator
+            finally:
+                if self.watchdog is not None:
+                    self.watchdog.workers = None
 
     def say(self, line: str) -> None:
         """One line from the whole run, on the global main process (Accelerate's print is per node),
         written above the progress bar rather than onto it."""
         if not self.engine.is_main_process:
             return
-        if self.progress is not None and not self.progress.disable:
-            self.progress.write(line)
+        if self.bar is not None and not self.bar.disable:
+            self.bar.write(line)
         else:
             print(line, flush=True)
 
     def _log(self, step: int, report: dict[str, float]) -> None:
         headline = next(iter(report))
-        assert self.progress is not None
-        self.progress.set_postfix(
+        assert self.bar is not None
+        self.bar.set_postfix(
             {headline: f"{report[headline]:.4f}", "samples/s": f"{report['samples_per_s']:.0f}"}, refresh=False
         )
         self.say(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in report.items()))
@@ -382,6 +448,7 @@ class Trainer:
             self.accelerator.scaler.load_state_dict(state["scaler"])
 
     def save_checkpoint(self, step: int) -> str:
+        self.progress.at(CHECKPOINT)
         return save_checkpoint(
             self.run_dir, step, self.engine, self.recipe.exported_models(), self.state_dict(step), self.cfg
         )
@@ -458,7 +525,7 @@ class Trainer:
             text = str(e)
             if not any(s in text for s in ("Timed out", "timed out", "Connection closed", "Connection reset")):
                 raise
-            raise RuntimeError(
+            raise CollectiveFailure(
                 f"process {self.rank}: a collective failed ({text.splitlines()[0][:200]}): another process died "
                 f"or hung for more than collective_timeout_s={self.cfg.collective_timeout_s}; see its log"
             ) from e
@@ -467,6 +534,7 @@ class Trainer:
 
     def evaluate(self, step: int | None = None) -> dict[str, float]:
         """The recipe's metrics on held-out data, each process scoring its share; tracked at `step`."""
+        self.progress.at(EVALUATION)
         models = self.recipe.models  # the modules inside the wrappers: no collective in evaluation
         rank, world = self.engine.evaluation_share(models)
         with contextlib.ExitStack() as full:
@@ -487,6 +555,7 @@ class Trainer:
 
     def save_weights(self) -> list[str]:
         """Full weights of each exported model as `<run dir>/<name>.safetensors`."""
+        self.progress.at(EXPORT)
         self.engine.wait_for_everyone()
         models = self.recipe.exported_models()
         write_weights(models, self.run_dir, self.engine)
@@ -501,6 +570,13 @@ class Trainer:
         if self.engine.is_main_process:
             release_lock(self.run_dir)
         self.engine.release(meet=not failed)
+
+
+# After fit() the process only releases what it holds and exits, with the watchdog stopped. A hang
+# there (gloo's destructor holding the GIL after a failed collective: docs/gloo-exit-hang.md) would
+# keep it forever: faulthandler's timer thread, which needs no GIL, prints every thread's stack and
+# ends the process with status 1 after this long.
+TEARDOWN_S = 60
 
 
 def run(cfg: Config) -> int:
@@ -520,6 +596,7 @@ def run(cfg: Config) -> int:
     try:
         trainer.fit()
     except BaseException as e:
+        faulthandler.dump_traceback_later(TEARDOWN_S, exit=True)
         if trainer.engine.is_main_process:
             write_status(trainer.run_dir, "failed", trainer.step, f"{type(e).__name__}: {e}")
         trainer.close(failed=True)
@@ -530,6 +607,10 @@ def run(cfg: Config) -> int:
         if isinstance(e, CheckpointWriteError):  # every process says it: its own reason, or whose
             print(f"process {trainer.rank}: {e}", file=sys.stderr)
             return EXIT_FAILED
+        if isinstance(e, DataLoaderFailed):  # the worker's own words say more than a traceback here
+            print(f"process {trainer.rank}: {e}", file=sys.stderr)
+            return EXIT_FAILED
         raise
+    faulthandler.dump_traceback_later(TEARDOWN_S, exit=True)
     trainer.close()
     return EXIT_STOPPED if trainer.stopped else EXIT_FINISHED

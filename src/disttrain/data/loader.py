@@ -8,13 +8,13 @@ workers: 0 or 8 give the same batches, and a resumed run starts the walk at its 
 
 One iterator serves the whole run, across epochs, so the workers live as long as the run (there is
 no `persistent_workers` to set).
+
+What the workers do besides loading, so that none leaves its process waiting: disttrain.data.workers.
 """
 
 from __future__ import annotations
 
 import math
-import multiprocessing
-import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from disttrain.data.windows import MicroBatchPlan, WindowSampler
+from disttrain.data.workers import FORKED, WorkerAccounts, WorkerStart
 
 
 @dataclass(frozen=True)
@@ -73,14 +74,6 @@ def _only(items: list[Loaded]) -> Loaded:
     return items[0]
 
 
-def _leave_stopping_to_the_trainer(_: int) -> None:
-    """A worker ignores stop signals: the launcher signals the whole process group, and the trainer
-    finishes its step (needing the workers) before it checkpoints and exits; workers end with it."""
-    for name in ("SIGUSR1", "SIGTERM", "SIGINT", "SIGHUP"):
-        if hasattr(signal, name):
-            signal.signal(getattr(signal, name), signal.SIG_IGN)
-
-
 def plan_loader(
     phases: Phases,
     windows: WindowSampler,
@@ -92,20 +85,22 @@ def plan_loader(
     prefetch_factor: int,
     pin_memory: bool,
     window_micro_batches: int,
+    accounts: WorkerAccounts | None = None,
 ) -> DataLoader:
     """A DataLoader yielding `Loaded` micro-batches of steps `start`..`stop`-1 in plan order.
 
     `prefetch_factor` 0 loads two windows ahead (`window_micro_batches` micro-batches per step).
+    `accounts` (one per worker, see `forked_accounts`) let the process read its workers' stacks.
     """
     workers = {}
     if num_workers:
         workers = {
             "prefetch_factor": prefetch_factor or max(2, math.ceil(2 * window_micro_batches / num_workers)),
-            "worker_init_fn": _leave_stopping_to_the_trainer,
+            "worker_init_fn": WorkerStart(accounts),
             # Forked, where the platform can: a worker then inherits the recipe as built instead of
             # unpickling it (its schedules hold lambdas), whatever start method the process was
             # given (a spawned rank, Python 3.14's forkserver default).
-            "multiprocessing_context": "fork" if "fork" in multiprocessing.get_all_start_methods() else None,
+            "multiprocessing_context": "fork" if FORKED else None,
         }
     return DataLoader(
         _Fetch(phases),

@@ -1,0 +1,33 @@
+"""`status.json` in a run directory: how the run's last attempt ended, and at which step.
+
+What a wrapper reads where `accelerate launch` folds every non-zero exit status into 1: `finished`,
+`stopped` (by a signal, resumable), `failed` or `stalled` (ended by the watchdog, resumable from the
+newest checkpoint); a stall, or a failure that ended the other processes, adds the `rank`, `phase`
+and `report` it was about. A leaf: no torch, so that a process can write it at any moment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+STATUS = "status.json"
+
+
+def write_status(run_dir: str, state: str, step: int, detail: str = "", **more: object) -> None:
+    """Write the run's status atomically. The main process writes it, or the watchdog of the lowest
+    process still heard from when the main one is silent: each through a file of its own first."""
+    path = os.path.join(run_dir, STATUS)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"state": state, "step": step, "detail": detail, **more}, f)
+    os.replace(tmp, path)
+
+
+def read_status(run_dir: str) -> dict:
+    """The status an earlier attempt left (empty if there is none, or it cannot be read)."""
+    try:
+        with open(os.path.join(run_dir, STATUS)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
