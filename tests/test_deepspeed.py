@@ -103,12 +103,14 @@ def test_r1_under_zero_3_is_refused():
 
 def test_accelerate_launch_with_a_deepspeed_config_matches_one_ddp_process(tmp_path):
     import os
+    import subprocess
 
     import torch
     from safetensors.torch import load_file
 
     from tests.launcher import PYTHON, accelerate, launch
     from tests.test_launch import SGD
+    from tests.test_reliability import flip_a_bit
 
     runs = tmp_path / "runs"
     # Clipping off: DeepSpeed clips one norm per model, the DDP path one per optimizer.
@@ -131,6 +133,20 @@ def test_accelerate_launch_with_a_deepspeed_config_matches_one_ddp_process(tmp_p
     a, b = load_file(runs / "zero2" / "seq2seq.safetensors"), load_file(runs / "ddp" / "seq2seq.safetensors")
     for name in b:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+    # Export checks the run checkpoint's manifest first, as resume does: one changed byte in an
+    # optimizer's shard would otherwise become weights off by about 1e-3, exported without a word.
+    step = sorted((runs / "zero2" / "checkpoints").glob("step-*"))[-1]
+    model = sorted((step / "deepspeed").iterdir())[0]
+    export = [*PYTHON, "-m", "disttrain.export", str(model), str(tmp_path / "exported.safetensors")]
+    assert subprocess.run(export, capture_output=True, text=True, timeout=120).returncode == 0
+    (shard,) = sorted(model.glob("state/*optim_states.pt"))[:1]
+    flip_a_bit(shard)
+    refused = subprocess.run(export, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1 and refused.stderr.strip().splitlines() == [
+        f"export: checkpoint {step} is damaged: {shard.relative_to(step)} does not match its recorded checksum "
+        "(its bytes changed)"
+    ]
 
 
 @pytest.mark.parametrize("stage", ["configs/deepspeed/zero2.json", "configs/deepspeed/zero3.json"])

@@ -321,6 +321,25 @@ def test_export_refuses_metadata_that_names_other_code(checkpointed, tmp_path):
 
 
 @pytest.mark.slow
+def test_export_names_a_missing_metadata_file(checkpointed, tmp_path):
+    """Not mistaken for a DeepSpeed checkpoint without tags: the missing file is named."""
+    from disttrain.export import main
+
+    _, whole = checkpointed
+    copy = tmp_path / "step"
+    shutil.copytree(whole["checkpoint"], copy)
+    (copy / STATE_DIR / ".metadata").unlink()
+    with pytest.raises(SystemExit) as e:
+        main([str(copy / STATE_DIR), str(tmp_path / "out")])
+    assert str(e.value) == f"export: checkpoint {copy} is damaged: {STATE_DIR}/.metadata is missing"
+    (copy / "manifest.json").unlink()  # shards alone, outside a run checkpoint
+    with pytest.raises(SystemExit) as e:
+        main([str(copy / STATE_DIR), str(tmp_path / "out")])
+    assert str(e.value).endswith("holds FSDP shards (.distcp) but no .metadata: the checkpoint is incomplete")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
 def test_first_checkpoint_under_fsdp_handles_dtensors(tmp_path):
     """The space estimate before a first checkpoint looks for tied tensors among sharded ones."""
     run_distributed(fsdp_first_checkpoint, 1, str(tmp_path))

@@ -124,6 +124,30 @@ def test_resume_auto_never_falls_back_silently(checkpointed):
     assert "no older checkpoint of this run is intact" in resume_error(args, "run_name=run")
 
 
+@pytest.mark.slow
+def test_following_the_damage_hint_resumes_before_the_later_checkpoints_and_ends_as_if_undamaged(checkpointed, capsys):
+    args, checkpoints = checkpointed
+    undamaged = load_file(checkpoints / "step-00000004" / "models" / "model.safetensors")
+    flip_a_bit(checkpoints / "step-00000004" / "optimizers.pt")
+    older = resume_error(args, "run_name=run").rsplit("resume=", 1)[1]
+    assert older == str(checkpoints / "step-00000002")
+
+    trainer = Trainer(resolve_config([*args, "run_name=run", f"resume={older}"], world_size=1))
+    trainer.fit()  # writes step-00000004 again, where the damaged one was
+    trainer.close()
+    rewritten = load_file(checkpoints / "step-00000004" / "models" / "model.safetensors")
+    assert rewritten.keys() == undamaged.keys()
+    assert all(torch.equal(rewritten[k], undamaged[k]) for k in undamaged), "resumed exactly"
+    (aside,) = checkpoints.glob("superseded-*")
+    assert sorted(p.name for p in aside.iterdir()) == ["step-00000004"], "set aside, not deleted"
+    assert f"moved them to {aside}" in capsys.readouterr().out
+
+    # resume=auto now continues the branch just written, not the damaged one set aside.
+    again = Trainer(resolve_config([*args, "run_name=run"], world_size=1))
+    assert (again.resumed_from, again.start_step) == (str(checkpoints / "step-00000004"), 4)
+    again.close()
+
+
 # --------------------------------------------------------------------------- every stop saves
 
 STOP_SHAPE = ["steps=300", "global_batch_size=16", "micro_batch_size=4", "log_every=50", *QUIET]

@@ -25,6 +25,7 @@ import os
 import random
 import re
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -92,6 +93,31 @@ def remove_unpublished(run_dir: str) -> None:
         for name in os.listdir(root):
             if name.endswith((".tmp", ".deleting")):
                 shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def set_aside_later(run_dir: str, resumed: str, step: int) -> str | None:
+    """Move the run's checkpoints at or after `step` (other than `resumed` itself) into
+    `checkpoints/superseded-<time>/`: a run resumed from an older checkpoint writes those steps again,
+    and `resume=auto` must find its own newest, not the abandoned branch's. Nothing is deleted: moving
+    them back returns to that branch. Main process only; returns the folder, or None if nothing moved."""
+    keep = os.path.realpath(resumed)
+    later = [
+        p
+        for p in complete_checkpoints(run_dir)
+        if int(_NAME.match(os.path.basename(p)).group(1)) >= step and os.path.realpath(p) != keep
+    ]
+    if not later:
+        return None
+    aside = os.path.join(checkpoints_dir(run_dir), "superseded-" + time.strftime("%Y%m%d-%H%M%S"))
+    suffix = 0
+    while os.path.exists(aside + (f"-{suffix}" if suffix else "")):
+        suffix += 1
+    aside += f"-{suffix}" if suffix else ""
+    os.makedirs(aside)
+    for path in later:
+        os.rename(path, os.path.join(aside, os.path.basename(path)))
+    _fsync(checkpoints_dir(run_dir))
+    return aside
 
 
 def prune(run_dir: str, keep: int) -> None:

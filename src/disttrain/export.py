@@ -8,8 +8,9 @@ DeepSpeed: CHECKPOINT_DIR is the directory given to `engine.save_checkpoint` (it
 one folder per tag), any ZeRO stage and number of processes. FSDP2: a run checkpoint's `fsdp/`
 folder (torch.distributed.checkpoint's shards, any number of processes) or the `step-XXXXXXXX/`
 folder holding it; each model becomes `OUT_DIR/<model>.safetensors` (or one model, `--model` or the
-only one, goes to a file named `*.safetensors`). Inside a run checkpoint every file is checked
-against the manifest's sha256 first; nothing is unpickled beyond tensors and DCP's own records.
+only one, goes to a file named `*.safetensors`). Inside a run checkpoint (either engine) every file
+of the checkpoint is checked against its manifest's sha256 first; nothing is unpickled beyond
+tensors and DCP's own records.
 
 Files are written aside and renamed, so a reader never sees half of one. Tied weights are stored
 once, their other names recorded as aliases, as in the files training writes (disttrain.weights):
@@ -24,10 +25,29 @@ import os
 import warnings
 
 
-def export_checkpoint(checkpoint_dir: str, out: str, tag: str | None = None) -> int:
+def verify_run_checkpoint(path: str) -> None:
+    """If `path` lies in a run checkpoint (`step-XXXXXXXX/` or a folder in it), check every file of
+    that checkpoint against its manifest before anything is read: a changed byte in an optimizer's
+    shard is refused, not exported as slightly wrong weights."""
+    from disttrain.checkpoint import MANIFEST, CheckpointDamaged, verify
+
+    folder = os.path.abspath(path)
+    for _ in range(3):  # step-X/, step-X/fsdp, step-X/deepspeed/<model>
+        if os.path.isfile(os.path.join(folder, MANIFEST)):
+            try:
+                verify(folder)
+            except CheckpointDamaged as e:
+                raise SystemExit(f"export: {e}") from e
+            return
+        folder = os.path.dirname(folder)
+
+
+def export_checkpoint(checkpoint_dir: str, out: str, tag: str | None = None, verified: bool = False) -> int:
     """Write the checkpoint's full weights to `out`; returns the number of tensors it stores."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    if not verified:
+        verify_run_checkpoint(checkpoint_dir)
     tag = tag or _only_tag(checkpoint_dir)
     return _write(get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag), out)
 
@@ -37,6 +57,12 @@ def _only_tag(checkpoint_dir: str) -> str | None:
     (a run's checkpoint keeps its DeepSpeed state under `state` and writes no `latest`)."""
     if os.path.exists(os.path.join(checkpoint_dir, "latest")):
         return None
+    if not os.path.isdir(checkpoint_dir):
+        raise SystemExit(f"export: {checkpoint_dir} is not a directory; give a checkpoint directory")
+    if any(name.endswith(".distcp") for name in os.listdir(checkpoint_dir)):
+        raise SystemExit(
+            f"export: {checkpoint_dir} holds FSDP shards (.distcp) but no .metadata: the checkpoint is incomplete"
+        )
     tags = sorted(d for d in os.listdir(checkpoint_dir) if os.path.isdir(os.path.join(checkpoint_dir, d)))
     tags = [t for t in tags if any(f.endswith("model_states.pt") for f in os.listdir(os.path.join(checkpoint_dir, t)))]
     if len(tags) != 1:
@@ -58,21 +84,19 @@ def fsdp_state_dir(path: str) -> str | None:
     return None
 
 
-def export_fsdp_checkpoint(state_dir: str, out: str, model: str | None = None) -> dict[str, str]:
+def export_fsdp_checkpoint(
+    state_dir: str, out: str, model: str | None = None, verified: bool = False
+) -> dict[str, str]:
     """Write each model's full weights from an FSDP checkpoint's DCP folder; returns {model: file}."""
     import torch
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
-    from disttrain.checkpoint import MANIFEST, CheckpointDamaged, verify
     from disttrain.safe_files import dcp_reader
     from disttrain.weights import file_aliases
 
+    if not verified:
+        verify_run_checkpoint(state_dir)
     step_dir = os.path.dirname(os.path.normpath(state_dir))
-    if os.path.isfile(os.path.join(step_dir, MANIFEST)):
-        try:
-            verify(step_dir)  # the metadata and every shard as they were written, before any is read
-        except CheckpointDamaged as e:
-            raise SystemExit(f"export: {e}") from e
     with warnings.catch_warnings():
         # "torch.distributed is unavailable or uninitialized": one process, on purpose.
         warnings.filterwarnings("ignore", message="torch.distributed is unavailable or uninitialized")
@@ -125,12 +149,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     from disttrain.weights import file_aliases  # after parsing: --help imports no torch
 
+    verify_run_checkpoint(args.checkpoint_dir)  # first: a missing file is named, not mistaken for another layout
     state_dir = fsdp_state_dir(args.checkpoint_dir)
     if state_dir is None:
         files = {"": args.out}
-        count = {"": export_checkpoint(args.checkpoint_dir, args.out, args.tag)}
+        count = {"": export_checkpoint(args.checkpoint_dir, args.out, args.tag, verified=True)}
     else:
-        files = export_fsdp_checkpoint(state_dir, args.out, args.model)
+        files = export_fsdp_checkpoint(state_dir, args.out, args.model, verified=True)
         count = {name: len(safe_keys(file)) for name, file in files.items()}
     for name, file in files.items():
         tied = len(file_aliases(file))

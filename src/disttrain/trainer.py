@@ -10,7 +10,6 @@ the run directory and the printed summaries.
 from __future__ import annotations
 
 import contextlib
-import faulthandler
 import os
 import sys
 import time
@@ -32,6 +31,7 @@ from disttrain.checkpoint import (
     load_checkpoint,
     remove_unpublished,
     save_checkpoint,
+    set_aside_later,
 )
 from disttrain.config import Config, ConfigError, exit_with_config_error, is_main_launch_process
 from disttrain.data.loader import Loaded, plan_loader
@@ -62,7 +62,7 @@ from disttrain.resilience.progress import (
     STEP_END,
     Progress,
 )
-from disttrain.resilience.watchdog import CollectiveFailure, Limits, Watchdog
+from disttrain.resilience.watchdog import CollectiveFailure, Limits, Watchdog, exit_after
 from disttrain.run_status import write_status
 from disttrain.rundir import RunDirError, make_run_dir, release_lock, write_run_config
 from disttrain.safe_files import CheckpointError
@@ -475,6 +475,12 @@ class Trainer:
         self.load_state_dict(restored.state)
         if restored.note:
             self.say(restored.note)
+        aside = set_aside_later(self.run_dir, path, self.start_step) if self.engine.is_main_process else None
+        if aside:
+            later = ", ".join(sorted(os.listdir(aside)))
+            self.say(
+                f"resuming before the run's later checkpoints ({later}): moved them to {aside}, to write them anew"
+            )
         self.say(f"resuming from {path} at step {self.start_step} of {cfg.steps}")
         return path
 
@@ -596,7 +602,7 @@ def run(cfg: Config) -> int:
     try:
         trainer.fit()
     except BaseException as e:
-        faulthandler.dump_traceback_later(TEARDOWN_S, exit=True)
+        exit_after(TEARDOWN_S)
         if trainer.engine.is_main_process:
             write_status(trainer.run_dir, "failed", trainer.step, f"{type(e).__name__}: {e}")
         trainer.close(failed=True)
@@ -611,6 +617,6 @@ def run(cfg: Config) -> int:
             print(f"process {trainer.rank}: {e}", file=sys.stderr)
             return EXIT_FAILED
         raise
-    faulthandler.dump_traceback_later(TEARDOWN_S, exit=True)
+    exit_after(TEARDOWN_S)
     trainer.close()
     return EXIT_STOPPED if trainer.stopped else EXIT_FINISHED

@@ -55,6 +55,23 @@ class CollectiveFailure(RuntimeError):
     """A collective failed: another process died or hung (its board notice may say which)."""
 
 
+def exit_after(seconds: float) -> None:
+    """Print every thread's stack and end the process with status 1 after `seconds`, unless cancelled
+    (faulthandler.cancel_dump_traceback_later) or re-armed; runs even while C code holds the GIL."""
+    faulthandler.dump_traceback_later(seconds, exit=True, file=_fault_stream())
+
+
+def _fault_stream() -> Any:
+    """sys.stderr, unless it is kept in memory (pytest's capture, a notebook): then the process's own."""
+    for stream in (sys.stderr, sys.__stderr__):
+        try:
+            stream.fileno()
+        except (AttributeError, ValueError, OSError):  # io.UnsupportedOperation is an OSError
+            continue
+        return stream
+    return open(os.devnull, "w")  # no stderr at all: the exit still matters
+
+
 @dataclass(frozen=True)
 class Limits:
     stall_s: float  # stall_timeout_s: no progress in any phase
@@ -153,7 +170,7 @@ class Watchdog:
             self.board.start()
         self._thread.start()
         if self.limits.backstop_s:  # armed now: the main thread may hold the GIL before the thread first looks
-            faulthandler.dump_traceback_later(self.limits.backstop_s, exit=True)
+            exit_after(self.limits.backstop_s)
         try:
             yield self
         except BaseException as e:
@@ -212,7 +229,7 @@ class Watchdog:
             if ending is not None:
                 self._end(ending)
             if self.limits.backstop_s:  # C code holding the GIL would keep this thread from looking again
-                faulthandler.dump_traceback_later(self.limits.backstop_s, exit=True)
+                exit_after(self.limits.backstop_s)
 
     def _heard(self, signals: bytes) -> None:
         now = time.monotonic()
