@@ -4,6 +4,7 @@ and the exact update against an independent whole-batch reference (DDP in float6
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import hashlib
 import json
@@ -32,12 +33,13 @@ from disttrain.data.samples import load_samples
 from disttrain.data.tokens import TokenSplit, is_prepared, read_meta
 from disttrain.data.windows import WindowSampler
 from disttrain.preflight import resolve_config
-from disttrain.prepare import Options, PrepareError, held_out_score, parse, prepare
+from disttrain.prepare import Options, PrepareError, held_out_score, main, parse, prepare
 from disttrain.recipe import build_recipe
 from disttrain.recipes.causal_lm.data import IGNORE, DocumentWindows, PackedBlocks, eval_batches, eval_documents
 from tests.dist import run_distributed
 from tests.launcher import PYTHON, REPO, accelerate, launch
 from tests.test_equivalence import assert_same
+from tests.test_reliability import tmpfs
 
 BLOCK = 16
 GLOBAL_BATCH = 12  # 2 processes x micro-batches of 2 x accumulation 3
@@ -145,9 +147,9 @@ def test_prepare_is_deterministic_and_replaces_atomically(tmp_path):
         prepare(Options(corpus=texts, out=str(again), eval_fraction=0.2), lambda _: None)
         for name in os.listdir(prepared):
             assert (again / name).read_bytes() == read(prepared, name), name
-    assert sorted(os.listdir(again.parent)) == ["again", "again.lock"], "nothing left beside it"
+    assert sorted(os.listdir(again.parent)) == ["again"], "nothing left beside it, the lock included"
     prepare(Options(corpus=texts, out=str(again), eval_fraction=0.5), lambda _: None)  # other content: replaced
-    assert read_meta(str(again))["eval_fraction"] == 0.5 and sorted(os.listdir(again.parent)) == ["again", "again.lock"]
+    assert read_meta(str(again))["eval_fraction"] == 0.5 and sorted(os.listdir(again.parent)) == ["again"]
     assert TokenSplit(str(again), "eval").num_documents > TokenSplit(prepared, "eval").num_documents
 
 
@@ -162,7 +164,7 @@ def test_two_processes_preparing_one_directory_at_once_leave_it_whole(tmp_path):
     for run in runs:
         output, _ = run.communicate(timeout=120)
         assert run.returncode == 0, output
-    assert is_prepared(str(out)) and sorted(os.listdir(out.parent)) == ["shared", "shared.lock"]
+    assert is_prepared(str(out)) and sorted(os.listdir(out.parent)) == ["shared"]
     assert (out / "train.bin").read_bytes() == read(prepared, "train.bin")
 
 
@@ -180,6 +182,32 @@ def test_prepare_command_line():
     with pytest.raises(PrepareError, match="eval_fraction=nan must be a finite number"):
         parse(["eval_fraction=nan", "out=x"])
     assert parse(["pattern=*.py"]) == Options(pattern="*.py"), "the default corpus with its default keys needs no out="
+
+
+BAD_OUTPUTS = {
+    "the corpus itself": lambda texts, tmp: texts,
+    "a folder inside the corpus": lambda texts, tmp: os.path.join(texts, "prepared"),
+    "an existing file": lambda texts, tmp: os.path.join(tmp, "notes.txt"),
+    "under /proc": lambda texts, tmp: "/proc/disttrain-prepared",
+    "a read-only file system": lambda texts, tmp: os.path.join(tmp, "readonly", "prepared"),
+}
+
+
+@pytest.mark.parametrize("where", BAD_OUTPUTS)
+def test_prepare_refuses_an_output_it_cannot_or_must_not_write_in_one_line(tmp_path, capsys, where):
+    texts, _, _ = corpus()
+    out = BAD_OUTPUTS[where](texts, str(tmp_path))
+    before = sorted(os.listdir(texts))
+    with contextlib.ExitStack() as stack:
+        if where == "a read-only file system":
+            stack.enter_context(tmpfs(tmp_path / "readonly", "ro"))
+        if where == "an existing file":
+            (tmp_path / "notes.txt").write_text("not a directory")
+        assert main([f"corpus={texts}", f"out={out}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"prepare error: out={out}"), err
+    assert sorted(os.listdir(texts)) == before, "nothing written into the corpus, no lock left"
+    assert not os.path.exists(out + ".lock")
 
 
 def test_prepare_with_a_local_hugging_face_tokenizer(tmp_path):

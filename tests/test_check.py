@@ -7,6 +7,7 @@ shared by the check and the accumulation core must not hide. This is an addition
 from __future__ import annotations
 
 import functools
+import os
 import subprocess
 import sys
 
@@ -116,3 +117,35 @@ def test_batchnorm_with_accumulation_is_a_warning_that_names_the_options():
     status, _, fix = found["BatchNorm"]
     assert status == "WARN" and "GroupNorm or LayerNorm" in fix
     assert all(s in ("PASS", "WARN") for s, _, _ in found.values()) and not any("processes" in c for c in found)
+
+
+def test_a_loss_that_is_not_finite_is_named_as_such_and_nothing_is_compared():
+    found = verdicts(BROKEN, "broken.bug=nan", "--worlds", "2")
+    status, detail, fix = found["loss 'fit' (critic) is finite"]
+    assert status == "FAIL" and detail == "it is nan on the first 8 samples" and "a log of 0" in fix
+    assert not any("sum over items" in c or "processes" in c for c in found), found
+
+
+def test_command_line_mistakes_are_one_line(tmp_path):
+    for args, said in [
+        (["--worlds", "x"], "--worlds needs process counts separated by commas, e.g. --worlds 2,4 (got 'x')"),
+        (["--worlds"], "--worlds needs process counts separated by commas, e.g. --worlds 2,4 (got '')"),
+    ]:
+        done = subprocess.run(
+            [sys.executable, "-m", "disttrain.check", *args], cwd=REPO, capture_output=True, text=True
+        )
+        assert done.returncode == 1 and done.stderr.strip().splitlines() == [said], done.stderr
+    (tmp_path / "mypkg").mkdir()
+    (tmp_path / "mypkg" / "__init__.py").write_text("")
+    (tmp_path / "mypkg" / "recipe.py").write_text("def broken(:\n    pass\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "disttrain.check", "recipe=mypkg.recipe"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    )
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        f"config error: recipe=mypkg.recipe: invalid syntax in {tmp_path / 'mypkg' / 'recipe.py'}, line 1; "
+        "fix the recipe file"
+    ], done.stderr

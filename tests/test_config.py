@@ -165,6 +165,7 @@ def test_launcher_config_may_not_override_the_run_config(monkeypatch):
     with pytest.raises(ConfigError, match="accelerate launch config says mixed_precision: bf16"):
         check_launcher_env(cfg)
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # the launcher's default does not conflict
+    check_launcher_env(resolve_config(["mixed_precision=bf16"], world_size=1))
     monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")
     with pytest.raises(ConfigError, match="gradient_accumulation_steps: 4; remove it"):
         check_launcher_env(cfg)
@@ -265,6 +266,45 @@ def test_launcher_and_device_refusals_are_one_line_before_any_process_group():
 )
 def test_bad_values_are_refused_before_launch(args, expected):
     assert expected in refused(args)
+
+
+C = ["recipe=classifier"]
+OPT = "classifier.optimizer"
+# Each once ended in a traceback (the allocator, torch's optimizer, numpy's seeding) or was accepted.
+VALUES_REFUSED_IN_ONE_LINE = {
+    "model too big": ([*C, "classifier.hidden=1000000000"], "classifier.hidden=1000000000 and classifier.depth=2"),
+    "data too big": ([*C, "classifier.num_train=100000000000"], "classifier.num_train=100000000000 and"),
+    "seq2seq too wide": (["seq2seq.d_model=65536"], "seq2seq.d_model=65536, seq2seq.ffn_dim=256"),
+    "gan too wide": (["recipe=gan", "gan.hidden=1000000000"], "gan.hidden=1000000000 and gan.layers=3"),
+    "causal_lm too wide": (
+        ["recipe=causal_lm", "causal_lm.width=1000000"],
+        "causal_lm.width=1000000, causal_lm.layers",
+    ),
+    "seed too big": (["seed=100000000000000000000"], "seed=100000000000000000000 must be <= 4294967295"),
+    "beta1": ([*C, f"{OPT}.beta1=1.5"], f"{OPT}.beta1=1.5 must lie in [0, 1)"),
+    "beta2": ([*C, f"{OPT}.beta2=-0.1"], f"{OPT}.beta2=-0.1 must lie in [0, 1)"),
+    "momentum": ([*C, f"{OPT}.name=sgd", f"{OPT}.momentum=-1"], f"{OPT}.momentum=-1.0 must be >= 0"),
+    "nesterov": ([*C, f"{OPT}.name=sgd", f"{OPT}.kwargs.nesterov=true"], f"{OPT}.kwargs.nesterov=True: the optimizer"),
+    "radam betas": ([*C, f"{OPT}.name=torch.optim.RAdam", f"{OPT}.kwargs.betas=5"], f"{OPT}.kwargs.betas=5: the optim"),
+    "unknown kwarg": ([*C, f"{OPT}.kwargs.foo=1"], f"{OPT}.kwargs.foo=1: the optimizer refuses them (AdamW"),
+    "target accuracy": ([*C, "classifier.target_accuracy=2"], "classifier.target_accuracy=2.0 must lie in [0, 1]"),
+    "batch beyond the data": (
+        [*C, "classifier.num_train=512", "micro_batch_size=1000000000", "global_batch_size=1000000000"],
+        "global_batch_size=1000000000 exceeds classifier.num_train=512",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", VALUES_REFUSED_IN_ONE_LINE)
+def test_values_that_cannot_train_are_refused_in_one_line_naming_the_key(case):
+    args, named = VALUES_REFUSED_IN_ONE_LINE[case]
+    assert named in refused(args)
+
+
+def test_a_size_in_a_yaml_file_is_refused_as_on_the_command_line(tmp_path):
+    yaml = tmp_path / "big.yaml"
+    yaml.write_text("classifier:\n  hidden: 1000000000\n")
+    assert "classifier.hidden=1000000000 and classifier.depth=2 need about" in refused([*C, f"config={yaml}"])
 
 
 def test_bad_config_files_are_refused_with_the_reason(tmp_path):

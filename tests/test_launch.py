@@ -49,3 +49,25 @@ def test_two_processes_match_one_process(tmp_path):
     initial = Seq2Seq(resolve_config(["config=" + os.path.join(REPO, "configs/debug.yaml")], world_size=1).seq2seq)
     moved = max(float((w1[n] - p.detach()).abs().max()) for n, p in initial.state_dict().items())
     assert moved > 1e-3
+
+
+SHIPPED_LAUNCH_CONFIGS = sorted(
+    n for n in os.listdir(os.path.join(REPO, "configs", "accelerate")) if n.endswith(".yaml")
+)
+
+
+def test_bf16_trains_under_the_shipped_launch_configs(tmp_path):
+    """The shipped configs name no precision, so the launcher exports its default ("no"): not a
+    conflict with the run's mixed_precision=bf16 (bf16 autocast runs on CPU). One config per engine
+    runs; every shipped config is of that kind, naming no precision."""
+    import yaml
+
+    for config in SHIPPED_LAUNCH_CONFIGS:
+        with open(os.path.join(REPO, "configs", "accelerate", config)) as f:
+            assert "mixed_precision" not in yaml.safe_load(f), f"{config}: precision lives in the run config"
+    for config in ("ddp.yaml", "deepspeed_zero2.yaml", "fsdp2.yaml"):
+        name = config.removesuffix(".yaml")
+        args = ["recipe=classifier", "steps=2", "mixed_precision=bf16", "tracker=none", "progress_bar=false"]
+        done = launch(accelerate(f"configs/accelerate/{config}"), *args, f"output_dir={tmp_path}", f"run_name={name}")
+        assert "done: 2 steps" in done.stdout, f"{config}: {done.stdout[-2000:]}"
+        assert "mixed_precision: bf16" in (tmp_path / name / "config.yaml").read_text(), config

@@ -4,6 +4,7 @@ saves a checkpoint and says so in its exit status, and a full disk is named as s
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -120,6 +121,8 @@ def test_resume_auto_never_falls_back_silently(checkpointed):
         f"the newest intact one is {checkpoints / 'step-00000002'}; continue from it with "
         f"resume={checkpoints / 'step-00000002'}"
     )
+    assert status(checkpoints.parent)["state"] == "refused", "not the earlier attempt's finished"
+    assert status(checkpoints.parent)["step"] == 4
     flip_a_bit(checkpoints / "step-00000002" / "trainer.pt")
     assert "no older checkpoint of this run is intact" in resume_error(args, "run_name=run")
 
@@ -223,3 +226,51 @@ def test_a_full_disk_is_named_on_every_process(tmp_path):
         assert refused.stderr.strip() == (
             f"config error: output_dir={readonly} is not writable by this user; choose another output_dir"
         )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_disk_that_fails_mid_run_ends_it_in_one_line_with_nothing_partial_left(tmp_path):
+    from disttrain.safe_files import write_bytes
+
+    with tmpfs(tmp_path / "disk", "size=64m") as disk:
+        args = [*CLASSIFIER, *QUIET, "steps=200", "checkpoint_every=100", f"output_dir={disk}", "run_name=ro"]
+        run = subprocess.Popen(
+            [sys.executable, "train.py", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while not (disk / "ro" / "config.yaml").exists():
+                assert run.poll() is None and time.monotonic() < deadline, run.communicate()
+                time.sleep(0.02)
+            subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)  # training, not yet at step 100
+            _, err = run.communicate(timeout=120)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                run.kill()
+        # One process: no "process 0:" prefix; status.json cannot be written there, and is not a second error.
+        assert run.returncode == 1 and err.strip().splitlines() == [
+            f"checkpoint step-00000100 not written: Read-only file system writing {disk / 'ro' / 'checkpoints'}"
+        ], err
+    with tmpfs(tmp_path / "small", "size=16k") as small:  # the final weights on a disk that fills
+        with pytest.raises(OSError) as e:
+            write_bytes(str(small / "model.safetensors.tmp"), bytes(1 << 20))
+        assert e.value.errno == errno.ENOSPC and not list(small.iterdir()), "no partial file left"
+
+
+def test_a_second_signal_while_a_finished_run_releases_its_resources_keeps_its_status():
+    ended = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import os, signal, time\n"
+            "from disttrain.preemption import teardown_signals\n"
+            "with teardown_signals(3):\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    time.sleep(30)\n",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ended.returncode == 3 and ended.stdout == "SIGTERM while releasing the run's resources: exit status 3\n"

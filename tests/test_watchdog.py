@@ -97,6 +97,7 @@ def test_a_stop_signal_reaches_the_watchdog_while_the_main_thread_is_stuck(tmp_p
     assert "stopped without a checkpoint" in (tmp_path / "stalls" / "rank0.txt").read_text()
 
 
+@pytest.mark.slow
 def test_a_second_signal_stops_at_once(tmp_path):
     proc = stuck(tmp_path, "backward", stall=600, data=1, grace=600)  # data=1: beats every 0.2 s
     proc.send_signal(signal.SIGTERM)
@@ -108,6 +109,7 @@ def test_a_second_signal_stops_at_once(tmp_path):
     assert json.loads((tmp_path / "status.json").read_text())["state"] == "failed"
 
 
+@pytest.mark.slow
 def test_a_second_signal_the_main_thread_handles_is_left_to_it(tmp_path):
     proc = stuck(tmp_path, "backward", stall=600, data=1, how="responsive")  # data=1: beats every 0.2 s
     proc.send_signal(signal.SIGTERM)
@@ -117,6 +119,7 @@ def test_a_second_signal_the_main_thread_handles_is_left_to_it(tmp_path):
     assert code == 7, f"the watchdog ended a process that was stopping by itself: {err}"
 
 
+@pytest.mark.slow
 def test_a_process_whose_gil_is_held_ends_by_faulthandler(tmp_path):
     """The watchdog's thread cannot run: faulthandler's timer (no GIL needed) prints the stacks and ends it."""
     code, err = ended(stuck(tmp_path, "forward", data=1, how="gil"))  # backstop: 1 + 5 x 0.2 + 10 s
@@ -144,6 +147,16 @@ def _serve_store(port: int, ready) -> None:
     del store
 
 
+def _state(pid: int) -> str:
+    """The state letters of the process's threads in /proc, as one string ("T": all stopped by a signal)."""
+    states = set()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/stat") as f:
+            states.add(f.read().rsplit(")", 1)[1].split()[0])
+    return "".join(sorted(states))
+
+
+@pytest.mark.slow
 def test_the_board_posts_one_first_failure_and_never_blocks_on_a_stopped_store(monkeypatch):
     from disttrain.resilience.board import Board
     from tests.dist import free_port
@@ -170,6 +183,10 @@ def test_the_board_posts_one_first_failure_and_never_blocks_on_a_stopped_store(m
         assert sorted(beats) == [0, 1] and beats[1]["rank"] == 1
 
         os.kill(server.pid, signal.SIGSTOP)  # a store call now blocks without end
+        stopped_at = time.monotonic() + 30
+        while _state(server.pid) != "T":  # every thread stopped: the signal takes a moment under load
+            assert time.monotonic() < stopped_at, f"process {server.pid} not stopped: {_state(server.pid)}"
+            time.sleep(0.01)
         started = time.monotonic()
         assert boards[0].heartbeats(wait_s=0.5) is None
         assert time.monotonic() - started < 5, "the caller waits only as long as it chose"

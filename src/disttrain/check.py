@@ -191,6 +191,18 @@ def inspect_recipe(argv: list[str], output_dir: str, float64: bool) -> list[Verd
         batches = [_float64(phase.make_batch(p)) if float64 else phase.make_batch(p) for p in plans]
         counts = [phase.item_counts(b) for b in batches]
         losses = [dict((t, float(loss.detach())) for t, loss in phase.losses(recipe.models, b)) for b in batches]
+        not_finite = [t for t in phase.terms if not all(math.isfinite(loss[t]) for loss in losses)]
+        if not_finite:  # every comparison below would hold NaN against NaN
+            verdicts.append(
+                Verdict(
+                    "FAIL",
+                    f"loss {', '.join(repr(t) for t in not_finite)} ({phase.name}) is finite",
+                    f"it is {losses[0][not_finite[0]]} on the first {len(indices)} samples",
+                    "look at the recipe's data and initialisation (a NaN input, a log of 0, a division by a zero "
+                    "count); the other checks are left out until the loss is finite",
+                )
+            )
+            return verdicts
         for term in phase.terms:
             whole, parts = float(counts[0][term]), float(counts[1][term]) + float(counts[2][term])
             if whole != parts:
@@ -277,8 +289,12 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def one_process(argv: list[str], output_dir: str, float64: bool) -> tuple[list[Verdict], dict[str, Run]]:
-    """The one-process checks and the reference runs, in one spawned process."""
-    return inspect_recipe(argv, output_dir, float64), train_cases(argv, GLOBAL_BATCH, output_dir, float64)
+    """The one-process checks and the reference runs, in one spawned process; no runs for a recipe
+    whose loss is not finite (nothing could be compared)."""
+    verdicts = inspect_recipe(argv, output_dir, float64)
+    if any(v.status == "FAIL" and v.check.endswith("is finite") for v in verdicts):
+        return verdicts, {}
+    return verdicts, train_cases(argv, GLOBAL_BATCH, output_dir, float64)
 
 
 # --------------------------------------------------------------------------- comparing
@@ -372,7 +388,13 @@ def parse(argv: list[str]) -> tuple[list[str], list[int], bool]:
     items = iter(argv)
     for arg in items:
         if arg == "--worlds":
-            worlds = [int(w) for w in next(items).split(",")]
+            given = next(items, "")
+            try:
+                worlds = [int(w) for w in given.split(",")]
+            except ValueError:
+                raise SystemExit(
+                    f"--worlds needs process counts separated by commas, e.g. --worlds 2,4 (got {given!r})"
+                ) from None
         elif arg == "--float32":
             float64 = False
         else:
@@ -410,7 +432,7 @@ def run_check(argv: list[str]) -> tuple[list[Verdict], str]:
             if run.error:
                 verdicts.append(Verdict("FAIL", f"the reference (1 process), {case}", run.error, _cause_of(run.error)))
         counts_wrong = any(v.status == "FAIL" and v.check.startswith("item count") for v in verdicts)
-        if any(v.check == "BatchNorm" for v in verdicts):
+        if any(v.check == "BatchNorm" for v in verdicts) or not reference:
             worlds = []  # its statistics differ by design, and a micro-batch of one sample fails
         for world in worlds:
             micro = GLOBAL_BATCH // (world * ACCUMULATION)

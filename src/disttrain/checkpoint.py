@@ -148,7 +148,10 @@ def save_checkpoint(
     main = engine.is_main_process
     final = os.path.join(checkpoints_dir(run_dir), f"step-{step:08d}")
     tmp = final + ".tmp"
-    refusal = _space_refusal(run_dir, final, models) if main else ""
+    try:
+        refusal = _space_refusal(run_dir, final, models) if main else ""
+    except OSError as e:  # the disk turned read-only or failed: every process hears why
+        refusal = f"checkpoint step-{step:08d} not written: {disk_error(e, checkpoints_dir(run_dir))}"
     refusal = engine.share_from_main(refusal)
     if refusal:
         raise CheckpointWriteError(refusal)
@@ -159,7 +162,7 @@ def save_checkpoint(
             for sub in ("models", "rng"):
                 os.makedirs(os.path.join(tmp, sub))
     except OSError as e:
-        failure = _explained(e, tmp)
+        failure = disk_error(e, tmp)
     engine.wait_for_everyone()
     try:
         # Collectives inside (gathering sharded weights, DeepSpeed's own save): every process takes
@@ -172,7 +175,7 @@ def save_checkpoint(
                 f.write(to_yaml(cfg))
         save_torch(_rng_state(), os.path.join(tmp, "rng", f"rank-{engine.rank}.pt"))
     except OSError as e:
-        failure = failure or _explained(e, tmp)
+        failure = failure or disk_error(e, tmp)
     failures = engine.gather_objects(failure)  # also the barrier before publishing
     if any(failures):
         rank, reason = next((r, f) for r, f in enumerate(failures) if f)
@@ -198,7 +201,12 @@ def save_checkpoint(
     return final
 
 
-def _explained(e: OSError, where: str) -> str:
+# A disk that cannot take what a run writes: said in one line, not a traceback.
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
+
+
+def disk_error(e: OSError, where: str) -> str:
+    """What went wrong writing `where` (the file the error names if it names one), in one line."""
     if e.errno == errno.ENOSPC:
         free = shutil.disk_usage(os.path.dirname(where)).free if os.path.isdir(os.path.dirname(where)) else 0
         return f"no space left on device writing {e.filename or where} ({free / 2**20:.1f} MiB free there)"
@@ -341,6 +349,10 @@ def damaged_hint(path: str, engine: Engine, newest_of_run: bool) -> str:
     return f"resume from an older one with resume={intact} (the newest intact one)"
 
 
+def _processes(count: int) -> str:
+    return f"{count} process" if count == 1 else f"{count} processes"
+
+
 def run_dir_of(path: str) -> str:
     return os.path.dirname(os.path.dirname(os.path.normpath(path)))
 
@@ -394,7 +406,7 @@ def load_checkpoint(path: str, engine: Engine, models: dict[str, nn.Module], cfg
     torch.manual_seed(cfg.seed + 1_000_003 * state["step"] + engine.rank)
     return Restored(
         state,
-        f"checkpoint {path} was written by {saved_world} processes, this run has {engine.world_size}: "
+        f"checkpoint {path} was written by {_processes(saved_world)}, this run has {engine.world_size}: "
         "random streams (dropout) are reseeded, so the run continues exactly only in distribution",
     )
 

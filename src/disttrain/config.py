@@ -88,6 +88,10 @@ class OptimizerConfig:
         if self.lr <= 0:
             raise ConfigError(f"{key}.lr={self.lr} must be > 0")
         at_least(f"{key}.weight_decay", self.weight_decay, 0)
+        for beta in ("beta1", "beta2"):
+            if not 0 <= getattr(self, beta) < 1:
+                raise ConfigError(f"{key}.{beta}={getattr(self, beta)} must lie in [0, 1)")
+        at_least(f"{key}.momentum", self.momentum, 0)
         at_least(f"{key}.clip_grad_norm", self.clip_grad_norm, 0)
         at_least(f"{key}.warmup_steps", self.warmup_steps, 0)
         if self.warmup_steps > steps:
@@ -300,6 +304,8 @@ def recipe_module(recipe: str) -> ModuleType:
             f"recipe='{recipe}' is not one of: {', '.join(builtin_recipes())}, nor an importable module path "
             "(e.g. recipe=myproject.recipes.mymodel, with the folder that holds myproject on PYTHONPATH)"
         ) from e
+    except SyntaxError as e:  # the user's file, not ours: where, not a traceback through importlib
+        raise ConfigError(f"recipe={recipe}: {e.msg} in {e.filename}, line {e.lineno}; fix the recipe file") from e
     for name in ("Config", "build"):
         if not hasattr(module, name):
             raise ConfigError(
@@ -542,6 +548,8 @@ def _first_line(e: Exception) -> str:
 def validate(cfg: Config, world_size: int) -> None:
     """Refuse run keys that cannot give the promised update, naming the key and the fix."""
     at_least("seed", cfg.seed, 0)
+    if cfg.seed > 2**32 - 1:
+        raise ConfigError(f"seed={cfg.seed} must be <= {2**32 - 1}: numpy's generator, seeded from it, takes no more")
     at_least("steps", cfg.steps, 1)
     at_least("micro_batch_size", cfg.micro_batch_size, 1)
     at_least("global_batch_size", cfg.global_batch_size, 1)
@@ -630,6 +638,34 @@ def help_text(argv: list[str]) -> str:
 def memory_bytes() -> int:
     """This machine's physical memory, for refusing sizes that cannot fit before they are tried."""
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+# float32 weights, their gradients and two optimizer moments (Adam)
+TRAINING_BYTES_PER_PARAMETER = 16
+
+
+def fits_in_memory(keys: str, needed: int, what: str = "to train") -> None:
+    """Refuse sizes whose tensors alone need more than half of this machine's memory, before any is
+    allocated (a traceback from the allocator, or the OOM killer, otherwise)."""
+    if needed > memory_bytes() // 2:
+        raise ConfigError(
+            f"{keys} need about {needed / 2**30:.1f} GiB {what}, more than half of this machine's "
+            f"{memory_bytes() / 2**30:.0f} GiB; lower them"
+        )
+
+
+def fits_the_data(cfg: Config, key: str, samples: int) -> None:
+    """A recipe with `samples` training samples (its key `key`): one step may not need more."""
+    if cfg.global_batch_size > samples:
+        raise ConfigError(
+            f"global_batch_size={cfg.global_batch_size} exceeds {key}={samples}: one step would hold samples more "
+            f"than once; lower global_batch_size or raise {key}"
+        )
+
+
+def between(key: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise ConfigError(f"{key}={value} must lie in [{low}, {high}]")
 
 
 def to_yaml(cfg: Config) -> str:

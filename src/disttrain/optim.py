@@ -33,8 +33,21 @@ def optimizer_class(path: str) -> type[torch.optim.Optimizer]:
 
 def check_optimizer(key: str, o: OptimizerConfig) -> None:
     """Refuse, before any process group, a class that cannot be imported or built as configured."""
-    if "." not in o.name:
-        return
+    if "." in o.name:
+        _check_class(key, o)
+    # Built on two stand-in parameters exactly as training builds it: the class's own checks (an
+    # unknown keyword, nesterov without momentum, a malformed value) speak now, in one line.
+    stand_ins = [nn.Parameter(torch.zeros(2, 2)), nn.Parameter(torch.zeros(2))]
+    try:
+        build_group(key, stand_ins, o, total_steps=1)
+    except (TypeError, ValueError, RuntimeError) as e:
+        given = {k: v for k, v in vars(o).items() if v != getattr(OptimizerConfig(), k) and k != "kwargs"}
+        given.update({f"kwargs.{k}": v for k, v in o.kwargs.items()})
+        settings = ", ".join(f"{key}.{k}={v}" for k, v in given.items()) or f"{key} at its defaults"
+        raise ConfigError(f"{settings}: the optimizer refuses them ({e}); change them") from e
+
+
+def _check_class(key: str, o: OptimizerConfig) -> None:
     try:
         cls = optimizer_class(o.name)
     except (ImportError, AttributeError) as e:

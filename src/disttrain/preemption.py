@@ -79,6 +79,23 @@ def stop_signals_caught(
             signal.signal(s, handler)
 
 
+@contextlib.contextmanager
+def teardown_signals(status: int) -> Iterator[None]:
+    """While a run that is over (finished, or stopped with its checkpoint) only releases what it
+    holds, a stop signal ends the process at once with the status it earned, not the signal's 143."""
+
+    def end(signum: int, frame: object) -> None:
+        print(f"{signal.Signals(signum).name} while releasing the run's resources: exit status {status}", flush=True)
+        os._exit(status)
+
+    previous = {s: signal.signal(s, end) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def requeue(job: str, reason: str) -> str:
     """`scontrol requeue` the job, unless it was cancelled (scancel): after `reason`, a stop signal
     or a stall (the watchdog's), the job resumes from its newest checkpoint.

@@ -168,8 +168,10 @@ def check_launcher_env(cfg: Config) -> None:
     `accelerate launch` exports its config file's values, and Accelerate reads them over the
     arguments it is given: a second source for settings that decide the update.
     """
-    launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", cfg.mixed_precision)
-    if launcher_precision != cfg.mixed_precision:
+    # The launcher exports "no" when its config file names no precision: its default, which cannot be
+    # told from `--mixed_precision no` given on purpose. Only a precision it was given can disagree.
+    launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launcher_precision not in ("no", cfg.mixed_precision):
         raise ConfigError(
             f"mixed_precision={cfg.mixed_precision} but the accelerate launch config says "
             f"mixed_precision: {launcher_precision}; set it once, in the run config (mixed_precision=...), "

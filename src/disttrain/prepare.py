@@ -225,16 +225,30 @@ def _locked(out: str) -> Iterator[bool]:
     except ImportError:  # not POSIX
         yield False
         return
-    with open(out + ".lock", "a") as lock:
+    lock = out + ".lock"
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(lock)
             yield False
             return
-        try:
-            yield True
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+        try:  # the holder before removed the file it locked: lock the one now under that name
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield True
+    finally:
+        # Removed while still held: a process waiting on this file then finds it gone and retries.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)
+        os.close(fd)
 
 
 def _publish(staged: str, out: str, meta: dict[str, Any]) -> None:
@@ -262,15 +276,32 @@ def _publish(staged: str, out: str, meta: dict[str, Any]) -> None:
 def prepare(options: Options, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Tokenise the corpus into `options.out` (or the default cache); returns its meta."""
     out = os.path.abspath(os.path.expanduser(options.out)) if options.out else default_data_dir()
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with _locked(out) as exclusive:
-        return _prepare_holding_lock(options, out, exclusive, say)
+    _check_paths(options, out)
+    try:
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        with _locked(out) as exclusive:
+            return _prepare_holding_lock(options, out, exclusive, say)
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        raise PrepareError(f"out={options.out or out}: cannot be written: {e.strerror or e}{where}") from e
+
+
+def _check_paths(options: Options, out: str) -> None:
+    corpus = options.corpus_dir
+    if not os.path.isdir(corpus):
+        raise PrepareError(f"corpus={options.corpus}: no such directory")
+    real_out, real_corpus = os.path.realpath(out), os.path.realpath(corpus)
+    if os.path.commonpath([real_out, real_corpus]) == real_corpus:
+        raise PrepareError(
+            f"out={options.out or out} lies inside corpus={corpus}: the next prepare would read train.bin and "
+            "meta.json as documents; choose an out= outside the corpus"
+        )
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise PrepareError(f"out={options.out or out} is an existing file, not a directory; choose a directory")
 
 
 def _prepare_holding_lock(options: Options, out: str, exclusive: bool, say: Callable[[str], None]) -> dict[str, Any]:
     corpus = options.corpus_dir
-    if not os.path.isdir(corpus):
-        raise PrepareError(f"corpus={options.corpus}: no such directory")
     if not 0 < options.eval_fraction < 1:
         raise PrepareError(f"eval_fraction={options.eval_fraction} must lie strictly between 0 and 1")
     tokens = load_tokenizer(options.tokenizer)

@@ -1,8 +1,9 @@
 """`status.json` in a run directory: how the run's last attempt ended, and at which step.
 
 What a wrapper reads where `accelerate launch` folds every non-zero exit status into 1: `finished`,
-`stopped` (by a signal, resumable), `failed` or `stalled` (ended by the watchdog, resumable from the
-newest checkpoint); a stall, or a failure that ended the other processes, adds the `rank`, `phase`
+`stopped` (by a signal, resumable), `failed`, `stalled` (ended by the watchdog, resumable from the
+newest checkpoint) or `refused` (its resume was refused: nothing trained, the step is the earlier
+attempt's); a stall, or a failure that ended the other processes, adds the `rank`, `phase`
 and `report` it was about. A leaf: no torch, so that a process can write it at any moment.
 """
 

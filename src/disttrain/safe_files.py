@@ -7,6 +7,7 @@ never arbitrary objects.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -34,9 +35,15 @@ def safe_load(file: str, checkpoint: str, allowed: list[Any] | None = None) -> A
 
 
 def write_bytes(path: str, data: bytes) -> str:
-    """Write `data` to `path`; returns its sha256, computed from the bytes in memory (no second read)."""
-    with open(path, "wb") as f:
-        f.write(data)
+    """Write `data` to `path`; returns its sha256, computed from the bytes in memory (no second read).
+    A write that fails (a full disk) leaves no partial file behind."""
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        raise
     return hashlib.sha256(data).hexdigest()
 
 

@@ -24,10 +24,12 @@ from tqdm.auto import tqdm
 
 from disttrain.accumulation import MicroBatch, UpdateResult, WindowResult, accumulate_window
 from disttrain.checkpoint import (
+    DISK_ERRNOS,
     CheckpointDamaged,
     CheckpointWriteError,
     complete_checkpoints,
     damaged_hint,
+    disk_error,
     load_checkpoint,
     remove_unpublished,
     save_checkpoint,
@@ -48,6 +50,7 @@ from disttrain.preemption import (
     stop_reason,
     stop_signals_caught,
     stop_with_the_launcher,
+    teardown_signals,
 )
 from disttrain.recipe import Phase, Recipe, build_recipe
 from disttrain.resilience.progress import (
@@ -63,7 +66,7 @@ from disttrain.resilience.progress import (
     Progress,
 )
 from disttrain.resilience.watchdog import CollectiveFailure, Limits, Watchdog, exit_after
-from disttrain.run_status import write_status
+from disttrain.run_status import read_status, write_status
 from disttrain.rundir import RunDirError, make_run_dir, release_lock, write_run_config
 from disttrain.safe_files import CheckpointError
 from disttrain.speed.activation_checkpointing import checkpoint_blocks
@@ -133,8 +136,10 @@ class Trainer:
         self.stop_reason: str | None = None  # the signal, on the process that caught it
         try:
             self.resumed_from = self._resume()
-        except BaseException:
-            if self.engine.is_main_process:
+        except BaseException as e:
+            if self.engine.is_main_process:  # not the earlier run's `finished`: this attempt's outcome
+                with contextlib.suppress(OSError):
+                    write_status(self.run_dir, "refused", read_status(self.run_dir).get("step", 0), f"{e}")
                 release_lock(self.run_dir)  # a refused resume leaves the directory to the next run
             raise
         self.step = self.start_step
@@ -574,7 +579,8 @@ class Trainer:
         otherwise). After a failure there is no last meeting: a process that died would turn it
         into a second error printed after the one that explains the failure."""
         if self.engine.is_main_process:
-            release_lock(self.run_dir)
+            with contextlib.suppress(OSError):  # a disk gone read-only: the next run takes the lock over
+                release_lock(self.run_dir)
         self.engine.release(meet=not failed)
 
 
@@ -604,19 +610,28 @@ def run(cfg: Config) -> int:
     except BaseException as e:
         exit_after(TEARDOWN_S)
         if trainer.engine.is_main_process:
-            write_status(trainer.run_dir, "failed", trainer.step, f"{type(e).__name__}: {e}")
+            with contextlib.suppress(OSError):  # the disk that failed may refuse this too: the first error tells
+                write_status(trainer.run_dir, "failed", trainer.step, f"{type(e).__name__}: {e}")
         trainer.close(failed=True)
         if isinstance(e, KeyboardInterrupt):  # a second stop signal: one line, not a traceback
             if trainer.engine.is_main_process:
                 print(f"stopped at step {trainer.step}: {e}", file=sys.stderr)
             return EXIT_FAILED
-        if isinstance(e, CheckpointWriteError):  # every process says it: its own reason, or whose
-            print(f"process {trainer.rank}: {e}", file=sys.stderr)
+        who = f"process {trainer.rank}: " if trainer.world_size > 1 else ""
+        # A checkpoint write's own reason (or whose), a worker's last words, a disk that failed:
+        # one line says more than a traceback. Every process says it.
+        if isinstance(e, (CheckpointWriteError, DataLoaderFailed)):
+            print(f"{who}{e}", file=sys.stderr)
             return EXIT_FAILED
-        if isinstance(e, DataLoaderFailed):  # the worker's own words say more than a traceback here
-            print(f"process {trainer.rank}: {e}", file=sys.stderr)
+        if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
+            print(
+                f"{who}{disk_error(e, trainer.run_dir)}: the run ended at step {trainer.step}; once the disk takes "
+                "writes again, resume=auto continues from the newest checkpoint",
+                file=sys.stderr,
+            )
             return EXIT_FAILED
         raise
     exit_after(TEARDOWN_S)
-    trainer.close()
+    with teardown_signals(EXIT_STOPPED if trainer.stopped else EXIT_FINISHED):
+        trainer.close()
     return EXIT_STOPPED if trainer.stopped else EXIT_FINISHED

@@ -4,7 +4,7 @@
 bug=none is correct. mean: the loss is a mean, not a sum. count: item_counts() gives a fixed number.
 unfrozen: the second model's phase leaves gradients in the first (a GAN that forgets to freeze D).
 random: a sample changes between calls for the same index. unused: a parameter gets no gradient and
-the recipe does not say so.
+the recipe does not say so. nan: the critic's loss is NaN.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from disttrain.optim import build_group
 from disttrain.recipe import Phase, Recipe
 
 RUN_DEFAULTS = {"steps": 3}
-BUGS = ("none", "mean", "count", "unfrozen", "random", "unused")
+BUGS = ("none", "mean", "count", "unfrozen", "random", "unused", "nan")
 
 
 @dataclass
@@ -71,6 +71,8 @@ class BrokenRecipe(Recipe):
     def phases(self, step: int) -> list[Phase]:
         def critic_losses(models: dict[str, nn.Module], batch: dict) -> Iterator[tuple[str, torch.Tensor]]:
             error = (models["critic"](batch["x"]) - batch["y"]).pow(2)
+            if "nan" in self.bugs:
+                error = error * float("nan")
             yield "fit", error.mean() if "mean" in self.bugs else error.sum()
 
         def maker_losses(models: dict[str, nn.Module], batch: dict) -> Iterator[tuple[str, torch.Tensor]]:

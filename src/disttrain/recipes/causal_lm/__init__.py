@@ -24,7 +24,16 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from disttrain.config import ConfigError, OptimizerConfig, at_least, one_of, section, setting
+from disttrain.config import (
+    TRAINING_BYTES_PER_PARAMETER,
+    ConfigError,
+    OptimizerConfig,
+    at_least,
+    fits_in_memory,
+    one_of,
+    section,
+    setting,
+)
 
 if TYPE_CHECKING:
     from disttrain.config import Config as RunConfig
@@ -89,6 +98,11 @@ class Config:
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"{k}.dropout={self.dropout} must lie in [0, 1)")
         vocabulary = self._data_vocabulary(k)
+        w, f = self.width, self.ffn_width or 4 * self.width
+        parameters = self.layers * (4 * w * w + 2 * w * f) + (vocabulary + self.block_size) * w
+        fits_in_memory(
+            f"{k}.width={w}, {k}.layers={self.layers} and {k}.ffn_width", parameters * TRAINING_BYTES_PER_PARAMETER
+        )
         if self.pretrained:
             self._check_pretrained(k, vocabulary)
         self.optimizer.validate(f"{k}.optimizer", run.steps)

@@ -10,7 +10,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from disttrain.config import OptimizerConfig, at_least, section, setting
+from disttrain.config import (
+    TRAINING_BYTES_PER_PARAMETER,
+    OptimizerConfig,
+    at_least,
+    between,
+    fits_in_memory,
+    fits_the_data,
+    section,
+    setting,
+)
 
 if TYPE_CHECKING:
     from disttrain.config import Config as RunConfig
@@ -40,6 +49,13 @@ class Config:
         at_least(f"{k}.hidden", self.hidden, 1)
         at_least(f"{k}.num_train", self.num_train, 1)
         at_least(f"{k}.num_eval", self.num_eval, 1)
+        between(f"{k}.target_accuracy", self.target_accuracy, 0, 1)
+        h = self.hidden
+        parameters = (self.num_features + 1) * h + (self.depth - 1) * (h + 1) * h + (h + 1) * self.num_classes
+        fits_in_memory(f"{k}.hidden={h} and {k}.depth={self.depth}", parameters * TRAINING_BYTES_PER_PARAMETER)
+        samples = (self.num_train + self.num_eval) * (self.num_features * 4 + 8)  # float32 inputs, int64 labels
+        fits_in_memory(f"{k}.num_train={self.num_train} and {k}.num_eval={self.num_eval}", samples, "for the data")
+        fits_the_data(run, f"{k}.num_train", self.num_train)
         self.optimizer.validate(f"{k}.optimizer", run.steps)
 
 

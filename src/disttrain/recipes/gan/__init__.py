@@ -9,7 +9,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from disttrain.config import ConfigError, OptimizerConfig, at_least, one_of, section, setting
+from disttrain.config import (
+    TRAINING_BYTES_PER_PARAMETER,
+    ConfigError,
+    OptimizerConfig,
+    at_least,
+    between,
+    fits_in_memory,
+    fits_the_data,
+    one_of,
+    section,
+    setting,
+)
 from disttrain.deepspeed_config import zero_stage
 
 if TYPE_CHECKING:
@@ -54,6 +65,11 @@ class Config:
         at_least(f"{k}.d_steps", self.d_steps, 1)
         at_least(f"{k}.r1_gamma", self.r1_gamma, 0)
         at_least(f"{k}.r1_every", self.r1_every, 1)
+        h = self.hidden
+        parameters = 2 * ((self.z_dim + 3) * h + (self.layers - 1) * (h + 1) * h + h + 2)  # G and D (2-D points)
+        fits_in_memory(f"{k}.hidden={h} and {k}.layers={self.layers}", parameters * TRAINING_BYTES_PER_PARAMETER)
+        fits_the_data(run, f"{k}.num_train", self.num_train)
+        between(f"{k}.min_high_quality", self.min_high_quality, 0, 1)
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"{k}.ema_decay={self.ema_decay} must lie in [0, 1)")
         self.generator.validate(f"{k}.generator", run.steps)

@@ -10,7 +10,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from disttrain.config import ConfigError, OptimizerConfig, at_least, memory_bytes, one_of, section, setting
+from disttrain.config import (
+    TRAINING_BYTES_PER_PARAMETER,
+    ConfigError,
+    OptimizerConfig,
+    at_least,
+    between,
+    fits_in_memory,
+    fits_the_data,
+    memory_bytes,
+    one_of,
+    section,
+    setting,
+)
 
 if TYPE_CHECKING:
     from disttrain.config import Config as RunConfig
@@ -59,6 +71,13 @@ class Config:
                 f"{k}.num_train={self.num_train} x {k}.max_len={self.max_len} needs about {needed / 2**30:.1f} GiB "
                 f"for the sequences alone, more than half of this machine's {memory_bytes() / 2**30:.0f} GiB; lower them"
             )
+        d, f, layers = self.d_model, self.ffn_dim, self.encoder_layers + 2 * self.decoder_layers  # cross-attention
+        parameters = layers * 4 * d * d + (self.encoder_layers + self.decoder_layers) * 2 * d * f
+        fits_in_memory(
+            f"{k}.d_model={d}, {k}.ffn_dim={f} and the layers", (parameters + 4 * d * d) * TRAINING_BYTES_PER_PARAMETER
+        )
+        fits_the_data(run, f"{k}.num_train", self.num_train)
+        between(f"{k}.target_exact_match", self.target_exact_match, 0, 1)
         if self.d_model % self.n_heads:
             raise ConfigError(f"{k}.d_model={self.d_model} must be divisible by {k}.n_heads={self.n_heads}")
         if not 0 <= self.dropout < 1:
