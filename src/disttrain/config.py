@@ -644,6 +644,11 @@ def memory_bytes() -> int:
 TRAINING_BYTES_PER_PARAMETER = 16
 
 
+def mlp_parameters(inputs: int, hidden: int, layers: int, outputs: int) -> int:
+    """Weights and biases of an MLP of `layers` hidden layers of width `hidden` (the built-in recipes')."""
+    return (inputs + 1) * hidden + (layers - 1) * (hidden + 1) * hidden + (hidden + 1) * outputs
+
+
 def fits_in_memory(keys: str, needed: int, what: str = "to train") -> None:
     """Refuse sizes whose tensors alone need more than half of this machine's memory, before any is
     allocated (a traceback from the allocator, or the OOM killer, otherwise)."""

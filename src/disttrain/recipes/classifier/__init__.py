@@ -17,6 +17,7 @@ from disttrain.config import (
     between,
     fits_in_memory,
     fits_the_data,
+    mlp_parameters,
     section,
     setting,
 )
@@ -50,9 +51,10 @@ class Config:
         at_least(f"{k}.num_train", self.num_train, 1)
         at_least(f"{k}.num_eval", self.num_eval, 1)
         between(f"{k}.target_accuracy", self.target_accuracy, 0, 1)
-        h = self.hidden
-        parameters = (self.num_features + 1) * h + (self.depth - 1) * (h + 1) * h + (h + 1) * self.num_classes
-        fits_in_memory(f"{k}.hidden={h} and {k}.depth={self.depth}", parameters * TRAINING_BYTES_PER_PARAMETER)
+        parameters = mlp_parameters(self.num_features, self.hidden, self.depth, self.num_classes)
+        fits_in_memory(
+            f"{k}.hidden={self.hidden} and {k}.depth={self.depth}", parameters * TRAINING_BYTES_PER_PARAMETER
+        )
         samples = (self.num_train + self.num_eval) * (self.num_features * 4 + 8)  # float32 inputs, int64 labels
         fits_in_memory(f"{k}.num_train={self.num_train} and {k}.num_eval={self.num_eval}", samples, "for the data")
         fits_the_data(run, f"{k}.num_train", self.num_train)

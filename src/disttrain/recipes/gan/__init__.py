@@ -17,6 +17,7 @@ from disttrain.config import (
     between,
     fits_in_memory,
     fits_the_data,
+    mlp_parameters,
     one_of,
     section,
     setting,
@@ -66,7 +67,7 @@ class Config:
         at_least(f"{k}.r1_gamma", self.r1_gamma, 0)
         at_least(f"{k}.r1_every", self.r1_every, 1)
         h = self.hidden
-        parameters = 2 * ((self.z_dim + 3) * h + (self.layers - 1) * (h + 1) * h + h + 2)  # G and D (2-D points)
+        parameters = mlp_parameters(self.z_dim, h, self.layers, 2) + mlp_parameters(2, h, self.layers, 1)  # G, D
         fits_in_memory(f"{k}.hidden={h} and {k}.layers={self.layers}", parameters * TRAINING_BYTES_PER_PARAMETER)
         fits_the_data(run, f"{k}.num_train", self.num_train)
         between(f"{k}.min_high_quality", self.min_high_quality, 0, 1)
