@@ -65,18 +65,13 @@ def stop_signals_caught(
         caught.append((name, time.monotonic()))
         on_signal(name)
 
-    try:
-        previous = {s: signal.signal(s, catch) for s in STOP_SIGNALS}
-    except ValueError:  # not the main thread: leave signals to whoever owns them
-        previous = {}
-    previous_fd = signal.set_wakeup_fd(wakeup_fd, warn_on_full_buffer=False) if previous and wakeup_fd else None
-    try:
-        yield
-    finally:
-        if previous_fd is not None:
-            signal.set_wakeup_fd(previous_fd)
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+    with _stop_signals_handled(catch) as installed:
+        previous_fd = signal.set_wakeup_fd(wakeup_fd, warn_on_full_buffer=False) if installed and wakeup_fd else None
+        try:
+            yield
+        finally:
+            if previous_fd is not None:
+                signal.set_wakeup_fd(previous_fd)
 
 
 @contextlib.contextmanager
@@ -88,12 +83,23 @@ def teardown_signals(status: int) -> Iterator[None]:
         print(f"{signal.Signals(signum).name} while releasing the run's resources: exit status {status}", flush=True)
         os._exit(status)
 
-    previous = {s: signal.signal(s, end) for s in STOP_SIGNALS}
-    try:
+    with _stop_signals_handled(end):
         yield
+
+
+@contextlib.contextmanager
+def _stop_signals_handled(handler: Callable[[int, object], None]) -> Iterator[bool]:
+    """`handler` for every stop signal inside the block, the previous handlers after it; yields
+    whether it was installed (only the main thread may: elsewhere signals are left to their owner)."""
+    try:
+        previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    except ValueError:  # not the main thread
+        previous = {}
+    try:
+        yield bool(previous)
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        for s, old in previous.items():
+            signal.signal(s, old)
 
 
 def requeue(job: str, reason: str) -> str:
