@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -328,3 +329,67 @@ def test_help_into_a_closed_pipe_is_quiet():
         f"{sys.executable} train.py --help | true", shell=True, cwd=REPO, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0 and result.stderr == ""
+
+
+DDP_LAUNCH = pathlib.Path(REPO, "configs", "accelerate", "ddp.yaml").read_text()
+# Each of these makes `accelerate launch` itself fail with a traceback, before train.py runs.
+LAUNCH_CONFIGS_REFUSED_IN_ONE_LINE = {
+    "not YAML": ("a: [1, 2\n", "not valid YAML (expected ',' or ']', but got '<stream end>' at line 2, column 1)"),
+    "a list": ("- 1\n- 2\n", "the file holds a list, an accelerate config is a mapping"),
+    "empty": ("", "the file is empty, an accelerate config is a mapping"),
+    "unknown key": (DDP_LAUNCH + "bogus_key: 3\n", "unknown key 'bogus_key'"),
+    "distributed type": (DDP_LAUNCH.replace("MULTI_GPU", "MULTI_GPUS"), "distributed_type: 'MULTI_GPUS' is not one of"),
+    "process count": (
+        DDP_LAUNCH.replace("num_processes: 2", "num_processes: two"),
+        "num_processes: 'two' is not a whole number",
+    ),
+    "no processes": (DDP_LAUNCH.replace("num_processes: 2", "num_processes: 0"), "num_processes: 0 is below 1"),
+    "precision": (DDP_LAUNCH + "mixed_precision: fp32\n", "mixed_precision: 'fp32' is not one of no, fp8, fp16, bf16"),
+    "boolean": (DDP_LAUNCH.replace("use_cpu: false", "use_cpu: maybe"), "use_cpu: 'maybe' is not true or false"),
+    "machine rank": (DDP_LAUNCH.replace("machine_rank: 0", "machine_rank: 3"), "machine_rank: 3 is not between 0 and"),
+}
+
+
+@pytest.mark.parametrize("case", LAUNCH_CONFIGS_REFUSED_IN_ONE_LINE)
+def test_a_malformed_accelerate_config_is_refused_in_one_line_naming_the_key(case, tmp_path, capsys):
+    from disttrain import launch_config
+
+    text, named = LAUNCH_CONFIGS_REFUSED_IN_ONE_LINE[case]
+    path = tmp_path / "launch.yaml"
+    path.write_text(text)
+    assert launch_config.main([str(path)]) == 2
+    printed = capsys.readouterr().err
+    assert printed.count("\n") == 1 and printed.startswith(f"config error: {path}: ")
+    assert named in printed
+
+
+def test_every_shipped_accelerate_config_passes_the_launch_check(capsys):
+    from disttrain import launch_config
+
+    shipped = os.path.join(REPO, "configs", "accelerate")
+    paths = [os.path.join(shipped, name) for name in sorted(os.listdir(shipped))]
+    assert launch_config.main(paths) == 0
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("script", ["single_node", "multi_node"])
+def test_slurm_scripts_refuse_a_malformed_accelerate_config_before_starting_anything(script, tmp_path):
+    bad = tmp_path / "launch.yaml"
+    bad.write_text(LAUNCH_CONFIGS_REFUSED_IN_ONE_LINE["process count"][0])
+    # No Slurm here: were the check passed, the script would go on to scontrol/srun and fail otherwise.
+    env = {**os.environ, "ACCELERATE_CONFIG": str(bad), "SLURM_JOB_ID": "7", "SLURM_NNODES": "2"}
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), "/usr/bin", "/bin"])
+    result = subprocess.run(
+        ["bash", f"slurm/{script}.sbatch", "recipe=seq2seq"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert (
+        result.stderr
+        == f"config error: {bad}: num_processes: 'two' is not a whole number; give num_processes a whole number\n"
+    )
+    assert result.stdout == ""  # nothing after the check ran: not even the job's banner

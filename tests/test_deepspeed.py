@@ -182,3 +182,16 @@ def test_bf16_under_deepspeed_trains_recipes_with_float_inputs():
         got = run_distributed(run_engine_cases, 2, cases, out, STEPS, "mixed_precision=bf16", timeout=300)[0]
     for case in cases:
         assert_same({k: v.double() for k, v in got[case].items()}, reference(case[0]), f"bf16 {case}", 3e-2, 3e-3)
+
+
+@pytest.mark.parametrize(
+    "saved, words", [(1, "partitions of 1 process, this run has 2; resume on 1 process"), (4, "of 4 processes")]
+)
+def test_a_deepspeed_checkpoint_of_another_process_count_is_refused_in_words(saved, words):
+    from types import SimpleNamespace
+
+    from disttrain.engines.deepspeed import DeepSpeedEngine
+    from disttrain.safe_files import CheckpointError
+
+    with pytest.raises(CheckpointError, match=words):
+        DeepSpeedEngine.check_resumable(SimpleNamespace(world_size=2), saved, "runs/r/checkpoints/step-00000004")

@@ -34,7 +34,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from disttrain.config import Config, flat_items, to_yaml
+from disttrain.config import Config, flat_items, processes, to_yaml
 from disttrain.engines.base import Engine
 from disttrain.safe_files import CheckpointError, file_sha256, safe_load, save_torch
 from disttrain.weights import read_weights, shared_names, write_weights
@@ -349,10 +349,6 @@ def damaged_hint(path: str, engine: Engine, newest_of_run: bool) -> str:
     return f"resume from an older one with resume={intact} (the newest intact one)"
 
 
-def _processes(count: int) -> str:
-    return f"{count} process" if count == 1 else f"{count} processes"
-
-
 def run_dir_of(path: str) -> str:
     return os.path.dirname(os.path.dirname(os.path.normpath(path)))
 
@@ -406,7 +402,7 @@ def load_checkpoint(path: str, engine: Engine, models: dict[str, nn.Module], cfg
     torch.manual_seed(cfg.seed + 1_000_003 * state["step"] + engine.rank)
     return Restored(
         state,
-        f"checkpoint {path} was written by {_processes(saved_world)}, this run has {engine.world_size}: "
+        f"checkpoint {path} was written by {processes(saved_world)}, this run has {engine.world_size}: "
         "random streams (dropout) are reseeded, so the run continues exactly only in distribution",
     )
 

@@ -266,6 +266,11 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def processes(count: int) -> str:
+    """A world size in words: "1 process", "8 processes"."""
+    return f"{count} process" if count == 1 else f"{count} processes"
+
+
 def lr_multiplier(cfg: Config) -> float:
     """How much the configured learning rates are scaled for this run's global batch."""
     reference = cfg.reference_batch_size or cfg.global_batch_size

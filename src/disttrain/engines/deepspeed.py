@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from disttrain.accumulation import OptimizerGroup, UpdateResult, WindowResult
-from disttrain.config import Config, ConfigError
+from disttrain.config import Config, ConfigError, processes
 from disttrain.deepspeed_config import engine_config, load_user_config
 from disttrain.engines.base import Engine, build_accelerator
 from disttrain.engines.process_group import set_for_one_process
@@ -149,8 +149,8 @@ class DeepSpeedEngine(Engine):
     def check_resumable(self, saved_world_size: int, path: str) -> None:
         if saved_world_size != self.world_size:
             raise CheckpointError(
-                f"checkpoint {path} holds DeepSpeed partitions of {saved_world_size} processes, this run has "
-                f"{self.world_size}; resume on {saved_world_size} processes"
+                f"checkpoint {path} holds DeepSpeed partitions of {processes(saved_world_size)}, this run has "
+                f"{self.world_size}; resume on {processes(saved_world_size)}"
             )
 
     def full_weights(self, module: nn.Module) -> contextlib.AbstractContextManager:
