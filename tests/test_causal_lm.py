@@ -612,6 +612,7 @@ def test_the_exactness_check_passes_on_the_recipe():
     _, prepared, _ = corpus()
     found, _ = run_check([*tiny(prepared, "causal_lm.packing=true"), "--worlds", "2"])
     assert all(v.status == "PASS" for v in found), [(v.check, v.detail) for v in found if v.status != "PASS"]
+    assert "items of 'tokens' (train) are its scored tokens" in {v.check for v in found}  # counted in tokens
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from disttrain.check import run_check
+from disttrain.check import inspect_recipe, run_check
 from tests.cases import TINY_GAN, TINY_SEQ2SEQ
 from tests.launcher import REPO
 
@@ -55,6 +55,7 @@ def test_the_check_runs_on_deepspeed_and_fsdp_and_still_finds_a_mean(engine):
     assert "final weights equal the reference" in found["2 processes, shorter last window"][1]
     mean = verdicts(BROKEN, engine, "broken.bug=mean", "--worlds", "2")
     assert mean["2 processes, shorter last window"][0] == "FAIL"
+    assert mean["2 processes, shorter last window"][2], "a FAIL without a fix line"
 
 
 def test_the_command_prints_a_verdict_per_check_and_exits_by_them():
@@ -69,7 +70,7 @@ def test_the_command_prints_a_verdict_per_check_and_exits_by_them():
         capture_output=True,
         text=True,
     )
-    assert bad.returncode == 1 and "  FAIL  loss 'fit' (critic) is a sum over items" in bad.stdout
+    assert bad.returncode == 1 and "  FAIL  loss 'fit' (critic) is not a sum over items" in bad.stdout
     # A mean instead of a sum is named, with the factor it is off by and the fix.
     assert (
         "  FAIL  2 processes, shorter last window: "
@@ -112,11 +113,79 @@ def test_an_unused_parameter_without_find_unused_parameters_is_named():
     assert status == "FAIL" and "critic.spare.weight" in detail and "find_unused_parameters = True" in fix
 
 
-def test_batchnorm_with_accumulation_is_a_warning_that_names_the_options():
-    found = verdicts("recipe=classifier", "classifier.hidden=16", "classifier.batchnorm=true", "--worlds", "2")
-    status, _, fix = found["BatchNorm"]
-    assert status == "WARN" and "GroupNorm or LayerNorm" in fix
-    assert all(s in ("PASS", "WARN") for s, _, _ in found.values()) and not any("processes" in c for c in found)
+@pytest.mark.parametrize(
+    "bug, named",
+    [
+        ("world", "the gradients are 1/2 x the reference's (the world size)"),
+        ("mean", "the gradients are 6 x the reference's (the micro-batches of a window)"),
+    ],
+)
+def test_a_batchnorm_model_is_checked_with_frozen_statistics_and_its_bugs_named(bug, named):
+    found = verdicts(BROKEN, "broken.batchnorm=true", f"broken.bug={bug}", "--worlds", "2")
+    status, detail, fix = found["BatchNorm"]
+    assert status == "WARN" and "statistics frozen" in detail and "GroupNorm or LayerNorm" in fix
+    for case in ("shorter last window", "window shorter than the processes"):
+        status, detail, _ = found[f"2 processes, {case}"]
+        assert status == "FAIL" and detail.startswith(named), found
+
+
+def test_float32_rounding_that_an_adaptive_optimizer_amplifies_is_no_failure():
+    """The shift's gradient is zero but for rounding, which RMSprop turns into whole steps: a fixed
+    float32 tolerance fails this correct recipe; the one derived from the two references does not."""
+    rmsprop = ["broken.shift=true", "broken.optimizer.name=torch.optim.RMSprop", "broken.optimizer.lr=0.01"]
+    found = verdicts(BROKEN, *rmsprop, "--float32", "--worlds", "2")
+    assert all(status == "PASS" for status, _, _ in found.values()), found
+    assert "(tolerance there" in found["2 processes, shorter last window"][1]
+    # and the derived tolerance still sees the process count's mistake
+    world = verdicts(BROKEN, *rmsprop, "broken.bug=world", "--float32", "--worlds", "2")
+    assert world["2 processes, shorter last window"][1].startswith("the gradients are 1/2 x the reference's")
+
+
+@pytest.mark.parametrize("count, status", [("tokens", "PASS"), ("sequences", "WARN")])
+def test_a_loss_over_tokens_counted_in_sequences_is_warned(count, status, tmp_path):
+    found = {
+        v.check: v
+        for v in inspect_recipe(
+            ["recipe=tests.fixture_recipes.sequences", f"sequences.count={count}"], str(tmp_path), True
+        )
+    }
+    verdict = found["items of 'tokens' (train) are its scored tokens"]
+    assert verdict.status == status
+    if status == "WARN":
+        assert "it counts sequences" in verdict.detail and "A per-sequence weighting may be intended" in verdict.detail
+        assert verdict.fix == "for the mean over tokens, count the scored tokens: (labels != -100).sum()"
+    assert all(v.status == "PASS" for c, v in found.items() if not c.startswith("items of")), found
+
+
+def test_a_failure_never_blames_a_check_that_passed():
+    import torch
+
+    from disttrain.check import Run, Tolerance, compare
+
+    reference = Run(grads=[{"w": torch.tensor([1.0, 2.0])}], params={"w": torch.tensor([3.0, 4.0])})
+    skewed = Run(grads=[{"w": torch.tensor([1.0, 2.5])}], params={"w": torch.tensor([3.0, 4.0])})
+    verdict = compare(2, "case", skewed, reference, Tolerance(1e-4), False, inspected_ok=True)
+    assert verdict.status == "FAIL" and "the one-process checks above pass" in verdict.fix
+    assert "see the checks above" in compare(2, "case", skewed, reference, Tolerance(1e-4), False, False).fix
+    stepped = Run(grads=reference.grads, params={"w": torch.tensor([3.0, 4.1])})
+    verdict = compare(2, "case", stepped, reference, Tolerance(1e-4), False, inspected_ok=True)
+    assert verdict.status == "FAIL" and verdict.detail.startswith("the gradients at all 1 boundaries equal")
+    assert verdict.fix.startswith("the accumulation is exact; the optimizer step differs")
+
+
+@pytest.mark.parametrize(
+    "deepspeed_config, named",
+    [
+        ("configs/deepspeed/zero2.json", "DeepSpeed ZeRO 2"),
+        ("configs/deepspeed/zero3_offload.json", "DeepSpeed ZeRO 3, optimizer state offloaded to cpu"),
+    ],
+)
+def test_the_header_names_the_zero_stage_and_what_is_offloaded(deepspeed_config, named):
+    from disttrain.check import engine_name
+    from disttrain.preflight import resolve_config
+
+    cfg = resolve_config([BROKEN, f"deepspeed_config={deepspeed_config}", "tracker=none"], world_size=1)
+    assert engine_name(cfg) == named
 
 
 def test_a_loss_that_is_not_finite_is_named_as_such_and_nothing_is_compared():

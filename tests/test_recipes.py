@@ -1,4 +1,4 @@
-"""Recipes: the synthetic data, the BatchNorm warning, evaluation."""
+"""Recipes: the synthetic data, the BatchNorm warning and statistics, evaluation."""
 
 from __future__ import annotations
 
@@ -9,9 +9,13 @@ import pytest
 import torch
 
 from disttrain.preflight import resolve_config
+from disttrain.recipe import build_recipe
 from disttrain.recipes.seq2seq.recipe import BOS, EOS, PAD, collate, generate_sequences
 from disttrain.trainer import Trainer
+from disttrain.weights import read_weights
 from tests.cases import case_config
+from tests.dist import run_distributed
+from tests.workers import BATCHNORM_RUN, BATCHNORM_STEPS, batchnorm_runs
 
 
 def test_seq2seq_batches_pad_per_micro_batch_and_end_with_eos():
@@ -57,6 +61,28 @@ def test_batchnorm_without_accumulation_is_quiet(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         Trainer(cfg)
+
+
+@pytest.mark.slow
+def test_batchnorm_accuracy_printed_on_two_processes_is_that_of_the_saved_weights(tmp_path):
+    """Each process updates its BatchNorm statistics from its own micro-batches; the run averages them
+    before evaluating and saving, so one process loading the weights file scores what the run said."""
+    ranks = run_distributed(batchnorm_runs, 2, str(tmp_path))
+    for mode in ("ddp", "fsdp"):
+        run = ranks[0][mode]
+        assert run["stats"], "the model has no BatchNorm statistics"
+        for key, value in run["stats"].items():
+            assert torch.equal(value, ranks[1][mode]["stats"][key]), f"{mode}: {key} differs between processes"
+        cfg = case_config("classifier", "full", 1, 1, str(tmp_path), BATCHNORM_STEPS, *BATCHNORM_RUN)
+        recipe = build_recipe(cfg)
+        model = recipe.models["model"]
+        saved = read_weights(f"{run['run_dir']}/model.safetensors")
+        model.load_state_dict(saved)
+        for key, value in run["stats"].items():
+            assert torch.equal(saved[key], value), f"{mode}: the saved {key} is not the processes' one"
+        model.eval()
+        correct, count = recipe.evaluate({"model": model}, 0, 1)["accuracy"]
+        assert float(correct / count) == run["metrics"]["accuracy"], mode
 
 
 @pytest.mark.parametrize("recipe", ["classifier", "seq2seq"])

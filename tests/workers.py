@@ -548,3 +548,24 @@ def wait_forever(out_dir: str) -> None:
 
     open(os.path.join(out_dir, str(os.getpid())), "w").close()
     time.sleep(3600)
+
+
+# The classifier with BatchNorm, trained through fit(): its printed accuracy must be that of its saved
+# weights, whose running statistics each process updates from its own micro-batches.
+BATCHNORM_RUN = ["classifier.batchnorm=true", "classifier.num_eval=2048", "tracker=none", "checkpoint_every=0"]
+BATCHNORM_STEPS = 6
+
+
+def batchnorm_runs(output_dir: str) -> dict:
+    """Each engine's run (DDP, FSDP2): the metrics fit() returned, its run directory, and this
+    process's running statistics at the end."""
+    out = {}
+    for mode in ("ddp", "fsdp"):
+        extra = [*BATCHNORM_RUN, *FSDP_MODES[mode], f"run_name=batchnorm-{mode}"]
+        cfg = case_config("classifier", "full", world_size_from_env(), 1, output_dir, BATCHNORM_STEPS, *extra)
+        trainer = Trainer(cfg)
+        metrics = trainer.fit()
+        model = trainer.recipe.models["model"]
+        stats = {k: v.detach().cpu().clone() for k, v in model.named_buffers() if "running" in k}
+        out[mode] = {"metrics": metrics, "run_dir": trainer.run_dir, "stats": stats}
+    return out

@@ -14,7 +14,7 @@ import os
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from accelerate import Accelerator
@@ -40,6 +40,7 @@ from disttrain.data.loader import Loaded, plan_loader
 from disttrain.data.windows import WindowSampler
 from disttrain.data.workers import DataLoaderFailed, forked_accounts, loading
 from disttrain.engines import build_engine
+from disttrain.engines.base import Engine
 from disttrain.metrics import Meter, PhaseResult, StepResult
 from disttrain.preemption import (
     EXIT_FAILED,
@@ -90,6 +91,32 @@ def frozen(modules: tuple[nn.Module, ...]) -> Iterator[None]:
     finally:
         for p, flag in zip(params, flags, strict=True):
             p.requires_grad_(flag)
+
+
+def average_running_stats(models: Iterable[nn.Module], engine: Engine) -> None:
+    """Average the running statistics of normalisation layers (BatchNorm, InstanceNorm tracking them)
+    over the processes, in place; a collective when there are any. Each process updates its own from
+    its own micro-batches, while the weights file holds one process's: averaged, the evaluated, the
+    checkpointed and the exported model are one and the same (timm's `distribute_bn`, reduce=True)."""
+    if engine.world_size == 1:
+        return
+    seen: dict[int, torch.Tensor] = {}  # each tensor once: the exported models are mostly the trained ones
+    for model in models:
+        for m in model.modules():
+            if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
+                for stat in (m.running_mean, m.running_var):  # None unless track_running_stats
+                    if stat is not None:
+                        seen[id(stat)] = stat
+    if not seen:
+        return
+    stats = list(seen.values())
+    # Summed in float64: float32 statistics already equal on every process come back exactly, so
+    # averaging again (evaluation right after a checkpoint) changes nothing.
+    flat = torch.cat([s.detach().reshape(-1).to(engine.device, torch.float64) for s in stats])
+    mean = engine.reduce_sum(flat) / engine.world_size
+    with torch.no_grad():
+        for stat, value in zip(stats, mean.split([s.numel() for s in stats]), strict=True):
+            stat.copy_(value.view_as(stat))
 
 
 class Trainer:
@@ -452,8 +479,14 @@ class Trainer:
         if self.accelerator.scaler is not None and state.get("scaler"):
             self.accelerator.scaler.load_state_dict(state["scaler"])
 
+    def _average_running_stats(self) -> None:
+        # Only at evaluation, checkpoints and export: every process reaches them together, and a
+        # resumed run averages at the same steps as a straight one, so resuming stays bit-identical.
+        average_running_stats([*self.recipe.models.values(), *self.recipe.exported_models().values()], self.engine)
+
     def save_checkpoint(self, step: int) -> str:
         self.progress.at(CHECKPOINT)
+        self._average_running_stats()
         return save_checkpoint(
             self.run_dir, step, self.engine, self.recipe.exported_models(), self.state_dict(step), self.cfg
         )
@@ -544,8 +577,10 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation and weights
 
     def evaluate(self, step: int | None = None) -> dict[str, float]:
-        """The recipe's metrics on held-out data, each process scoring its share; tracked at `step`."""
+        """The recipe's metrics on held-out data, each process scoring its share with the running
+        statistics averaged over the processes first; tracked at `step`."""
         self.progress.at(EVALUATION)
+        self._average_running_stats()
         models = self.recipe.models  # the modules inside the wrappers: no collective in evaluation
         rank, world = self.engine.evaluation_share(models)
         with contextlib.ExitStack() as full:
@@ -568,6 +603,7 @@ class Trainer:
         """Full weights of each exported model as `<run dir>/<name>.safetensors`."""
         self.progress.at(EXPORT)
         self.engine.wait_for_everyone()
+        self._average_running_stats()
         models = self.recipe.exported_models()
         write_weights(models, self.run_dir, self.engine)
         paths = [os.path.join(self.run_dir, f"{name}.safetensors") for name in models]

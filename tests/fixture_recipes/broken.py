@@ -4,7 +4,10 @@
 bug=none is correct. mean: the loss is a mean, not a sum. count: item_counts() gives a fixed number.
 unfrozen: the second model's phase leaves gradients in the first (a GAN that forgets to freeze D).
 random: a sample changes between calls for the same index. unused: a parameter gets no gradient and
-the recipe does not say so. nan: the critic's loss is NaN.
+the recipe does not say so. nan: the critic's loss is NaN. world: the critic's loss is divided by the
+number of processes. Not mistakes: `broken.batchnorm=true` puts a BatchNorm layer in the critic;
+`broken.shift=true` a learned shift that a per-sample centring cancels, so its gradient is zero but
+for float32 rounding (as a bias before a normalisation layer), which RMSprop amplifies.
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ from disttrain.optim import build_group
 from disttrain.recipe import Phase, Recipe
 
 RUN_DEFAULTS = {"steps": 3}
-BUGS = ("none", "mean", "count", "unfrozen", "random", "unused", "nan")
+BUGS = ("none", "mean", "count", "unfrozen", "random", "unused", "nan", "world")
 
 
 @dataclass
 class Config:
     bug: str = setting("none", f"the seeded mistake(s), joined by '+': {', '.join(BUGS)}")
+    batchnorm: bool = setting(False, "a BatchNorm layer in the critic")
+    shift: bool = setting(False, "a learned shift in the critic that a per-sample centring cancels")
     optimizer: OptimizerConfig = section(lambda: OptimizerConfig(name="sgd", lr=0.1, momentum=0.9), "optimizer")
 
     def validate(self, run: RunConfig) -> None:
@@ -35,13 +40,18 @@ class Config:
 
 
 class Critic(nn.Module):
-    def __init__(self, unused: bool):
+    def __init__(self, unused: bool, batchnorm: bool, shift: bool):
         super().__init__()
-        self.body = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))
+        normalised = [nn.BatchNorm1d(8)] if batchnorm else []
+        self.body = nn.Sequential(nn.Linear(3, 8), *normalised, nn.Tanh(), nn.Linear(8, 1))
         self.spare = nn.Linear(3, 1) if unused else None
+        self.shift = nn.Parameter(torch.zeros(1)) if shift else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
+        if self.shift is None:
+            return self.body(x)
+        h = self.body[0](x) + self.shift
+        return self.body[1:](h - h.mean(1, keepdim=True))
 
 
 class BrokenRecipe(Recipe):
@@ -51,7 +61,7 @@ class BrokenRecipe(Recipe):
         g = torch.Generator().manual_seed(run.seed)
         self.x = torch.randn(200, 3, generator=g)
         self.y = torch.sin(self.x.sum(1, keepdim=True))
-        critic, maker = Critic("unused" in self.bugs), nn.Linear(3, 3)
+        critic, maker = Critic("unused" in self.bugs, c.batchnorm, c.shift), nn.Linear(3, 3)
         groups = [
             build_group("critic", critic.parameters(), c.optimizer, run.steps),
             build_group("maker", maker.parameters(), c.optimizer, run.steps),
@@ -73,6 +83,8 @@ class BrokenRecipe(Recipe):
             error = (models["critic"](batch["x"]) - batch["y"]).pow(2)
             if "nan" in self.bugs:
                 error = error * float("nan")
+            if "world" in self.bugs and torch.distributed.is_initialized():
+                error = error / torch.distributed.get_world_size()
             yield "fit", error.mean() if "mean" in self.bugs else error.sum()
 
         def maker_losses(models: dict[str, nn.Module], batch: dict) -> Iterator[tuple[str, torch.Tensor]]:
