@@ -2,11 +2,15 @@
 
 Each case trains 2 processes under `accelerate launch`: once straight through, once killed with
 SIGKILL (the launcher and every rank) at a random moment after its first checkpoint, then started
-again with the same command, which resumes on its own (resume=auto).
+again with the same command, which resumes on its own (resume=auto). And once with
+`--max_restarts 1` and no run_name, where one process fails (debug.fail_how: killed, an exception,
+or a hang the watchdog ends) and the launcher restarts the group, which finds its run directory
+and resumes from its newest checkpoint: the job ends with status 0.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 
@@ -42,6 +46,13 @@ CASES = {
         "seq2seq.decoder.clip_grad_norm=0.05",
     ],
 }
+# How a process fails in the in-job restart of each case, and at which step (after checkpoints).
+RESTART_FAULTS = {
+    "seq2seq": ["debug.fail_how=kill", "debug.fail_at_step=7"],
+    "gan": ["debug.fail_how=raise", "debug.fail_at_step=5", "debug.fail_rank=0"],
+    "seq2seq-zero3": ["debug.fail_how=kill", "debug.fail_at_step=6"],
+    "seq2seq-fsdp2": ["debug.fail_how=hang", "debug.fail_at_step=6", "stall_timeout_s=10"],
+}
 LAUNCHERS = {
     "seq2seq-zero3": "configs/accelerate/deepspeed_zero3.yaml",
     "seq2seq-fsdp2": "configs/accelerate/fsdp2.yaml",
@@ -76,3 +87,15 @@ def test_killed_run_resumes_bit_identically(tmp_path, case):
     for file, tensors in straight.items():
         for name, value in tensors.items():
             assert torch.equal(value, again[file][name]), f"{file}:{name} differs; {when}"
+
+    restarts = [*accelerate(launcher)[:2], "--max_restarts", "1", *accelerate(launcher)[2:]]
+    fault = RESTART_FAULTS[case]
+    restarted = launch(restarts, *args, f"output_dir={tmp_path / 'restarted'}", *fault, timeout=300)
+    (run_dir,) = (tmp_path / "restarted").iterdir()  # the restarted group found the first one's directory
+    assert "restart 1 of 1: resuming from" in restarted.stdout, restarted.stdout[-3000:]
+    assert "restart 1 of 1: step" in restarted.stdout and "after the failed attempt's last recorded" in restarted.stdout
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "finished" and status["restarts"] == 1, status
+    for file, tensors in weights(run_dir).items():
+        for name, value in tensors.items():
+            assert torch.equal(value, straight[file][name]), f"{file}:{name} differs after {fault}"

@@ -64,6 +64,7 @@ RESUMABLE_CHANGES = (
     "tracker",
     "wandb",
     "data",  # how micro-batches are loaded, not which
+    "debug",  # a rehearsed failure: the run it interrupts resumes
     "fsdp.reshard_after_forward",  # memory against communication; the same gradients
     "fsdp.sync_every_micro_batch",
     "fsdp.cpu_offload",

@@ -130,6 +130,37 @@ class DataLoaderConfig:
             )
 
 
+FAULTS = ("kill", "raise", "hang")
+
+
+@dataclass
+class DebugConfig:
+    """Faults injected on purpose, through the real code paths: a fire drill for restarts, the
+    watchdog and SLURM requeue before a long run depends on them."""
+
+    fail_at_step: int = setting(
+        0, "at the start of this optimizer step, process fail_rank fails as fail_how says; 0: never"
+    )
+    fail_rank: int = setting(1, "the process that fails")
+    fail_how: str = setting(
+        "kill",
+        "kill (SIGKILL to itself), raise (an exception) or hang (stops making progress: the watchdog ends it "
+        "after stall_timeout_s)",
+    )
+    fail_attempt: int = setting(
+        0, "the attempt it fails in: 0 the first, k the k-th restart by accelerate launch --max_restarts"
+    )
+
+    def validate(self, world_size: int) -> None:
+        at_least("debug.fail_at_step", self.fail_at_step, 0)
+        at_least("debug.fail_attempt", self.fail_attempt, 0)
+        one_of("debug.fail_how", self.fail_how, FAULTS)
+        if self.fail_at_step and not 0 <= self.fail_rank < world_size:
+            raise ConfigError(
+                f"debug.fail_rank={self.fail_rank} is not a process of this run (0 to {world_size - 1}); choose one"
+            )
+
+
 @dataclass
 class FsdpConfig:
     """FSDP2 (`torch.distributed.fsdp.fully_shard`): parameters, gradients and optimizer state sharded
@@ -242,6 +273,7 @@ class Config:
     data: DataLoaderConfig = section(DataLoaderConfig, "the DataLoader feeding the micro-batches")
     tracker: str = setting("wandb", f"experiment tracker: {', '.join(TRACKERS)}")
     wandb: WandbConfig = section(WandbConfig, "Weights & Biases run settings")
+    debug: DebugConfig = section(DebugConfig, "fault injection, to rehearse failures (restarts, the watchdog)")
 
     @property
     def recipe_section(self) -> str:
@@ -608,6 +640,7 @@ def validate(cfg: Config, world_size: int) -> None:
     for key in ("stall_timeout_s", "data_timeout_s", "stop_grace_s"):
         at_least(key, getattr(cfg, key), 0)
     cfg.data.validate()
+    cfg.debug.validate(world_size)
     one_of("tracker", cfg.tracker, TRACKERS)
     if cfg.wandb.mode:
         one_of("wandb.mode", cfg.wandb.mode, ("online", "offline", "disabled"))

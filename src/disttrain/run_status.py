@@ -1,16 +1,20 @@
 """`status.json` in a run directory: how the run's last attempt ended, and at which step.
 
 What a wrapper reads where `accelerate launch` folds every non-zero exit status into 1: `finished`,
-`stopped` (by a signal, resumable), `failed`, `stalled` (ended by the watchdog, resumable from the
+`running` (written at each log line), `stopped` (by a signal, resumable), `failed`, `stalled` (ended by the watchdog, resumable from the
 newest checkpoint) or `refused` (its resume was refused: nothing trained, the step is the earlier
 attempt's); a stall, or a failure that ended the other processes, adds the `rank`, `phase`
-and `report` it was about. A leaf: no torch, so that a process can write it at any moment.
+and `report` it was about; `time` is when it was written, `restarts` how often `accelerate launch
+--max_restarts` restarted the worker group. A leaf: no torch, so that a process can write it at any moment.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
+
+from disttrain.restarts import restart_count
 
 STATUS = "status.json"
 
@@ -20,8 +24,9 @@ def write_status(run_dir: str, state: str, step: int, detail: str = "", **more: 
     process still heard from when the main one is silent: each through a file of its own first."""
     path = os.path.join(run_dir, STATUS)
     tmp = f"{path}.{os.getpid()}.tmp"
+    restarts = {"restarts": restart_count()} if restart_count() else {}
     with open(tmp, "w") as f:
-        json.dump({"state": state, "step": step, "detail": detail, **more}, f)
+        json.dump({"state": state, "step": step, "detail": detail, "time": time.time(), **restarts, **more}, f)
     os.replace(tmp, path)
 
 

@@ -3,7 +3,8 @@
 The main process takes the directory's lock (`run.lock`: host, pid, SLURM job) before writing
 anything there. A second run is refused, naming the holder; a lock whose process is gone (same
 host) or that a requeued SLURM job left is taken over, and the run says so. `resume=never` into a
-directory that holds checkpoints is refused rather than mixing two runs' checkpoints.
+directory that holds checkpoints is refused rather than mixing two runs' checkpoints. A worker group
+that `accelerate launch --max_restarts` started again finds the directory of the group it replaces.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from disttrain.checkpoint import complete_checkpoints
 from disttrain.config import Config, to_yaml
 from disttrain.engines.base import Engine
 from disttrain.preemption import slurm_job
+from disttrain.restarts import launcher_id, launcher_started, restart_count, under_elastic_launcher
 
 LOCK = "run.lock"
+LAUNCHER = ".launcher"  # which launcher's worker groups write here: its restarts find the directory
 
 
 class RunDirError(RuntimeError):
@@ -39,18 +42,16 @@ def make_run_dir(cfg: Config, engine: Engine) -> tuple[str, str]:
     takeover to mention, else empty), or RunDirError on every process."""
     shared = [run_name(cfg), "", ""]  # name, note, error
     if engine.is_main_process:
-        if not shared[0]:
-            stamp = f"{cfg.recipe_section}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-            shared[0] = next(
-                f"{stamp}{suffix}"
-                for suffix in ["", *(f"-{i}" for i in range(1, 1000))]
-                if not os.path.exists(os.path.join(cfg.output_dir, f"{stamp}{suffix}"))
-            )
-        run_dir = os.path.join(cfg.output_dir, shared[0])
+        run_dir = cfg.output_dir
         try:
+            shared[0] = shared[0] or _new_or_restarted_name(cfg)
+            run_dir = os.path.join(cfg.output_dir, shared[0])
             os.makedirs(run_dir, exist_ok=True)
             shared[1] = take_lock(run_dir)
-            if cfg.resume == "never" and complete_checkpoints(run_dir):
+            if under_elastic_launcher():
+                with open(os.path.join(run_dir, LAUNCHER), "w") as f:
+                    f.write(launcher_id())
+            if cfg.resume == "never" and restart_count() == 0 and complete_checkpoints(run_dir):
                 release_lock(run_dir)
                 raise RunDirError(
                     f"run directory {run_dir} holds checkpoints of an earlier run and resume=never would mix this "
@@ -64,6 +65,30 @@ def make_run_dir(cfg: Config, engine: Engine) -> tuple[str, str]:
     if shared[2]:
         raise RunDirError(shared[2])
     return os.path.join(cfg.output_dir, shared[0]), shared[1]
+
+
+def _new_or_restarted_name(cfg: Config) -> str:
+    """`<recipe>-<time>`, the time of the launcher's start under `accelerate launch` (every attempt
+    of its worker group computes the same), else of this run's; `-1`, `-2`... when taken. A restarted
+    group takes the directory its launcher's earlier attempt marked."""
+    started = (launcher_started() if under_elastic_launcher() else None) or datetime.datetime.now()
+    stamp = f"{cfg.recipe_section}-{started:%Y%m%d-%H%M%S}"
+    me = launcher_id()
+    for name in (f"{stamp}{suffix}" for suffix in ["", *(f"-{i}" for i in range(1, 1000))]):
+        path = os.path.join(cfg.output_dir, name)
+        if not os.path.exists(path):
+            return name
+        if restart_count() > 0 and _read(os.path.join(path, LAUNCHER)) == me:
+            return name
+    raise RunDirError(f"1000 run directories named {stamp}-* in {cfg.output_dir}: give run_name=...")
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
 
 
 def write_run_config(run_dir: str, cfg: Config, engine: Engine) -> None:

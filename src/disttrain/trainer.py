@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 import time
 import uuid
@@ -67,6 +68,7 @@ from disttrain.resilience.progress import (
     Progress,
 )
 from disttrain.resilience.watchdog import CollectiveFailure, Limits, Watchdog, exit_after
+from disttrain.restarts import attempt_words, restart_count
 from disttrain.run_status import read_status, write_status
 from disttrain.rundir import RunDirError, make_run_dir, release_lock, write_run_config
 from disttrain.safe_files import CheckpointError
@@ -161,6 +163,9 @@ class Trainer:
         self.step = 0  # optimizer steps done
         self.stopped = False  # a stop signal ended the run early, with a checkpoint
         self.stop_reason: str | None = None  # the signal, on the process that caught it
+        # A group that `accelerate launch --max_restarts` started again: when its failed attempt last
+        # recorded progress (status.json), to say how much time the failure cost.
+        self.restarted_after: float | None = None
         try:
             self.resumed_from = self._resume()
         except BaseException as e:
@@ -325,12 +330,16 @@ class Trainer:
             self._profiled() as profiler,
         ):
             for step in range(self.start_step, cfg.steps):
+                if cfg.debug.fail_at_step == step + 1:
+                    self._rehearsed_failure(step + 1)
                 result = self._measured_step(step, batches, meter)  # train_step, FLOPs counted once
                 profiler.step()
                 self.progress.at(STEP_END)
                 if result.halted:
                     self._halt_on_nonfinite(step, result)
                 done = self.step = step + 1
+                if self.restarted_after is not None:
+                    self._restart_cost(done)
                 meter.add(result)
                 self.bar.update(1)
                 if done % cfg.log_every == 0 or done == cfg.steps:
@@ -447,6 +456,9 @@ class Trainer:
             {headline: f"{report[headline]:.4f}", "samples/s": f"{report['samples_per_s']:.0f}"}, refresh=False
         )
         self.say(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in report.items()))
+        if self.engine.is_main_process:  # the progress a restart measures its cost from
+            with contextlib.suppress(OSError):
+                write_status(self.run_dir, "running", step)
         self.tracking.log(
             {**report, "overflow_steps": self.overflow_steps, "nonfinite_steps": self.nonfinite_steps}, step=step
         )
@@ -494,22 +506,32 @@ class Trainer:
     def _resume(self) -> str | None:
         """Load the checkpoint `resume` names (auto: the run directory's newest complete one)."""
         cfg = self.cfg
-        if cfg.resume == "never":
+        resume = cfg.resume
+        if restart_count():
+            # A restart continues this run whatever `resume` says: from its own newest checkpoint, or
+            # from where its first attempt started when it wrote none.
+            previous = read_status(self.run_dir) if self.engine.is_main_process else {}
+            self.restarted_after = self.engine.share_from_main(previous.get("time", time.time()))
+            own = complete_checkpoints(self.run_dir)
+            resume = "auto" if own or resume == "never" else resume
+            if not own and resume == "auto":
+                self.say(f"{attempt_words()}: the failed attempt wrote no checkpoint, starting again from step 0")
+        if resume == "never":
             return None
         if self.engine.is_main_process:
             remove_unpublished(self.run_dir)  # what a killed run left half-written
         self.engine.wait_for_everyone()
-        if cfg.resume == "auto":
+        if resume == "auto":
             found = complete_checkpoints(self.run_dir)
             if not found:
                 return None
             path = found[-1]
         else:
-            path = cfg.resume
+            path = resume
         try:
             restored = load_checkpoint(path, self.engine, self.recipe.exported_models(), cfg)
         except CheckpointDamaged as e:
-            raise CheckpointDamaged(f"{e}; {damaged_hint(path, self.engine, cfg.resume == 'auto')}") from e
+            raise CheckpointDamaged(f"{e}; {damaged_hint(path, self.engine, resume == 'auto')}") from e
         self.load_state_dict(restored.state)
         if restored.note:
             self.say(restored.note)
@@ -519,8 +541,30 @@ class Trainer:
             self.say(
                 f"resuming before the run's later checkpoints ({later}): moved them to {aside}, to write them anew"
             )
-        self.say(f"resuming from {path} at step {self.start_step} of {cfg.steps}")
+        attempt = f"{attempt_words()}: " if restart_count() else ""
+        self.say(f"{attempt}resuming from {path} at step {self.start_step} of {cfg.steps}")
         return path
+
+    def _restart_cost(self, step: int) -> None:
+        """Once, at the first step a restarted group finishes: the time from the failed attempt's last
+        recorded progress (its last log line, or its own report of the failure) to this step."""
+        lost = time.time() - (self.restarted_after or time.time())
+        self.restarted_after = None
+        self.say(f"{attempt_words()}: step {step} done {lost:.1f}s after the failed attempt's last recorded progress")
+        self.tracking.log({"restarts": restart_count(), "restart_time_lost_s": lost}, step=step)
+
+    def _rehearsed_failure(self, step: int) -> None:
+        """debug.fail_at_step: this process fails as a real one would, on the attempt chosen."""
+        debug = self.cfg.debug
+        if self.rank != debug.fail_rank or restart_count() != debug.fail_attempt:
+            return
+        print(f"process {self.rank}: debug.fail_how={debug.fail_how} at step {step} (a rehearsed failure)", flush=True)
+        if debug.fail_how == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if debug.fail_how == "raise":
+            raise RuntimeError(f"debug.fail_at_step={step}: a rehearsed failure on process {self.rank}")
+        while True:  # hang: only the watchdog (stall_timeout_s) ends this process
+            time.sleep(3600)
 
     def _stop_requested(self, reason: str) -> None:
         self.stop_reason = reason

@@ -27,6 +27,7 @@ from torch import nn
 
 from disttrain.accumulation import OptimizerGroup, UpdateResult, WindowResult
 from disttrain.config import Config
+from disttrain.engines.process_group import join_restarted_group
 from disttrain.tracking import accelerator_kwargs
 
 
@@ -36,6 +37,7 @@ def build_accelerator(cfg: Config, mixed_precision: str, find_unused_parameters:
     Accelerate's own accumulation divides by a fixed count and its prepared schedulers step once
     per process: both would make the update depend on the world size, so neither is used.
     """
+    join_restarted_group(cfg.collective_timeout_s)
     return Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=mixed_precision,

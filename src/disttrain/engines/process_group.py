@@ -1,11 +1,15 @@
-"""The process group's end: every engine releases it here, without gloo's exit deadlock."""
+"""The process group's start after a restart, and its end: every engine releases it here, without
+gloo's exit deadlock."""
 
 from __future__ import annotations
 
+import datetime
 import os
 import sys
 
 import torch
+
+from disttrain.restarts import restart_count
 
 # Environment variables set for a one-process group (see release_process_group).
 _SET_FOR_ONE_PROCESS: list[str] = []
@@ -19,6 +23,34 @@ def set_for_one_process(variables: dict[str, str]) -> None:
         if key not in os.environ:
             os.environ[key] = value
             _SET_FOR_ONE_PROCESS.append(key)
+
+
+def join_restarted_group(timeout_s: int) -> None:
+    """A group restarted by `accelerate launch --max_restarts` forms its process group under keys of
+    its own attempt.
+
+    The launcher's static rendezvous keeps one store for all attempts, while torch's env://
+    initialisation assumes a fresh store per attempt (it adds no prefix): a restarted process then
+    reads the failed attempt's gloo addresses and its connections are refused. Accelerate, DeepSpeed
+    and FSDP2 take over a process group that exists.
+    """
+    if (
+        not restart_count()
+        or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+        or torch.distributed.is_initialized()
+    ):
+        return
+    timeout = datetime.timedelta(seconds=timeout_s)
+    world_size = int(os.environ["WORLD_SIZE"])
+    store = torch.distributed.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False, timeout=timeout
+    )
+    torch.distributed.init_process_group(
+        store=torch.distributed.PrefixStore(f"disttrain/attempt_{restart_count()}", store),
+        rank=int(os.environ["RANK"]),
+        world_size=world_size,
+        timeout=timeout,
+    )
 
 
 # Works of each process's last barrier, kept until the process ends (see release_process_group).
