@@ -99,3 +99,14 @@ def test_killed_run_resumes_bit_identically(tmp_path, case):
     for file, tensors in weights(run_dir).items():
         for name, value in tensors.items():
             assert torch.equal(value, straight[file][name]), f"{file}:{name} differs after {fault}"
+
+
+def test_without_restarts_the_same_failure_ends_the_job_naming_the_process(tmp_path):
+    args = ["steps=8", "checkpoint_every=2", f"output_dir={tmp_path}", "run_name=run", "debug.fail_at_step=5"]
+    result = launch(accelerate(), *args, ok=False)
+    assert result.returncode != 0
+    assert "process 1: debug.fail_how=kill at step 5 (a rehearsed failure)" in result.stdout, result.stdout[-2000:]
+    cause = result.stderr.split("Root Cause (first observed failure)")[-1]  # the launcher's summary
+    assert "rank      : 1 (local_rank: 1)" in cause and "SIGKILL" in cause, result.stderr[-2000:]
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["state"] == "failed" and "restarts" not in status, status

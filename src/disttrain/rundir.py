@@ -44,11 +44,12 @@ def make_run_dir(cfg: Config, engine: Engine) -> tuple[str, str]:
     if engine.is_main_process:
         run_dir = cfg.output_dir
         try:
+            named_by_launcher = not shared[0] and under_elastic_launcher()
             shared[0] = shared[0] or _new_or_restarted_name(cfg)
             run_dir = os.path.join(cfg.output_dir, shared[0])
             os.makedirs(run_dir, exist_ok=True)
             shared[1] = take_lock(run_dir)
-            if under_elastic_launcher():
+            if named_by_launcher:  # a given run_name or SLURM job already leads a restart here
                 with open(os.path.join(run_dir, LAUNCHER), "w") as f:
                     f.write(launcher_id())
             if cfg.resume == "never" and restart_count() == 0 and complete_checkpoints(run_dir):
