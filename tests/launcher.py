@@ -38,6 +38,20 @@ def _command(launcher: list[str], train_args: tuple[str, ...]) -> list[str]:
     return [*launcher, "train.py", *config, *train_args]
 
 
+def describe_process(pid: int) -> str:
+    """What a process left behind is doing, for a failure message: its parent (a rank's is the
+    launcher, a DataLoader worker's its rank), state, threads and where the kernel holds it."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        with open(f"/proc/{pid}/wchan") as f:
+            wchan = f.read().strip()
+    except OSError as e:
+        return f"pid {pid}: {e}"
+    get = lambda key: fields.get(key, "?").strip()  # noqa: E731
+    return f"pid {pid}: parent {get('PPid')}, state {get('State')}, {get('Threads')} thread(s), in {wchan or '?'}"
+
+
 def marked(mark: str, name: str = MARK) -> list[tuple[int, str]]:
     """(pid, command line) of every live process whose environment holds `name`=`mark`."""
     needle = f"{name}={mark}".encode()
@@ -111,8 +125,9 @@ class Job:
         started = time.monotonic()
         while self.processes():
             if time.monotonic() - started > timeout:
+                seen = "; ".join(describe_process(pid) for pid, _ in marked(self.mark))
                 left = end_marked(self.mark)
-                raise AssertionError(f"{len(left)} process(es) still running after {timeout}s: {left}")
+                raise AssertionError(f"{len(left)} process(es) still running after {timeout}s: {left}; {seen}")
             time.sleep(0.05)
         return time.monotonic() - started
 

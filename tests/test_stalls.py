@@ -96,7 +96,13 @@ def test_a_stop_signal_while_a_process_waits_for_data_ends_within_the_grace(tmp_
     with start(tmp_path, *args, "stop_grace_s=3") as job:
         struck(job, tmp_path / "struck")
         job.proc.kill()  # the launcher alone
-        job.wait_gone(3 + BOUND_S)
+        try:
+            job.wait_gone(3 + BOUND_S)
+        except AssertionError as e:  # what each process said of itself, beside what is left of it
+            said = {
+                p.name: p.read_text()[:1500] for p in (tmp_path / "run").glob("**/*") if p.suffix in (".txt", ".json")
+            }
+            raise AssertionError(f"{e}\n{said}\n{job.end()[-3000:]}") from None
         out = job.end()
     assert status(tmp_path)["state"] == "stalled", out[-3000:]
     for rank in (0, 1):
