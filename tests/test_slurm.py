@@ -219,6 +219,8 @@ def test_a_stalled_job_is_requeued_once_and_stops_when_it_stalls_there_again(
         "stalling.rank=0",
         "data.num_workers=1",
         "data_timeout_s=3",
+        "stalling.after=60",  # in the third step: the requeued attempt logs (status.json) before it stalls again
+        "log_every=1",
         "progress_bar=false",
         "tracker=none",
         f"output_dir={tmp_path / 'runs'}",

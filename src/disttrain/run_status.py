@@ -30,6 +30,14 @@ def write_status(run_dir: str, state: str, step: int, detail: str = "", **more: 
     os.replace(tmp, path)
 
 
+def stalled_at(status: dict) -> int | None:
+    """The step an earlier attempt stalled at: its own status, or what the attempt after it carries
+    over while it runs (a second stall there ends the SLURM requeues instead of looping)."""
+    if status.get("state") == "stalled":
+        return status.get("step")
+    return status.get("stalled_at")
+
+
 def read_status(run_dir: str) -> dict:
     """The status an earlier attempt left (empty if there is none, or it cannot be read)."""
     try:

@@ -69,7 +69,7 @@ from disttrain.resilience.progress import (
 )
 from disttrain.resilience.watchdog import CollectiveFailure, Limits, Watchdog, exit_after
 from disttrain.restarts import attempt_words, restart_count
-from disttrain.run_status import read_status, write_status
+from disttrain.run_status import read_status, stalled_at, write_status
 from disttrain.rundir import RunDirError, make_run_dir, release_lock, write_run_config
 from disttrain.safe_files import CheckpointError
 from disttrain.speed.activation_checkpointing import checkpoint_blocks
@@ -150,6 +150,8 @@ class Trainer:
         self.models, self.groups = self.engine.models, self.engine.groups
         self.sampler = WindowSampler(self.recipe.num_train, cfg.global_batch_size, cfg.micro_batch_size, cfg.seed)
         self.run_dir, taken_over = make_run_dir(cfg, self.engine)
+        # An earlier attempt's stall, carried in the running status (SLURM requeues once per step).
+        self.earlier_stall = stalled_at(read_status(self.run_dir)) if self.engine.is_main_process else None
         self.board_key = self.engine.share_from_main(uuid.uuid4().hex[:16])  # this run's keys in the job's store
         if taken_over:
             self.say(taken_over)
@@ -458,7 +460,8 @@ class Trainer:
         self.say(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in report.items()))
         if self.engine.is_main_process:  # the progress a restart measures its cost from
             with contextlib.suppress(OSError):
-                write_status(self.run_dir, "running", step)
+                carried = {} if self.earlier_stall is None else {"stalled_at": self.earlier_stall}
+                write_status(self.run_dir, "running", step, **carried)
         self.tracking.log(
             {**report, "overflow_steps": self.overflow_steps, "nonfinite_steps": self.nonfinite_steps}, step=step
         )

@@ -45,7 +45,7 @@ from disttrain.resilience.report import (
     silent_ranks,
     write_report,
 )
-from disttrain.run_status import read_status, write_status
+from disttrain.run_status import read_status, stalled_at, write_status
 
 AT_ONCE_S = 2.0  # after a second stop signal, the main thread's own stop gets this long first
 ENDING_S = 30.0  # what an ending (report, board, status) may take before the main thread goes on
@@ -332,7 +332,7 @@ class Watchdog:
         said = f"report {ending.report} (the others' beside it)" if ending.report else f"reports in {reports}"
         job = slurm_job()
         if job and ending.state == "stalled":
-            if before.get("state") == "stalled" and before.get("step") == step:
+            if stalled_at(before) == step:
                 said += f"; job {job} not requeued: its attempt before stalled at this step too"
             else:
                 said += f"; {requeue(job, 'stall')}"
