@@ -118,19 +118,17 @@ def _params(recipe: Any, trainer: Any) -> dict[str, Any]:
     return out
 
 
-def freeze_batchnorm_statistics(recipe: Any) -> bool:
+def freeze_batchnorm_statistics(recipe: Any) -> None:
     """Make every BatchNorm layer normalise with its fixed running statistics, whatever mode the
-    trainer sets; True if there are any. Batch statistics depend on how a batch is split by design;
-    frozen, the model is a fixed function of its inputs and the accumulation around it is checkable."""
+    trainer sets. Batch statistics depend on how a batch is split by design; frozen, the model is a
+    fixed function of its inputs and the accumulation around it is checkable."""
     from torch import nn
 
-    layers = [
-        m for model in recipe.models.values() for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-    ]
-    for layer in layers:
-        # before every forward: the trainer puts models in training mode at each step
-        layer.register_forward_pre_hook(lambda module, args: setattr(module, "training", False))
-    return bool(layers)
+    for model in recipe.models.values():
+        for layer in model.modules():
+            if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+                # before every forward: the trainer puts models in training mode at each step
+                layer.register_forward_pre_hook(lambda module, args: setattr(module, "training", False))
 
 
 def train_cases(argv: list[str], micro_batch_size: int, output_dir: str, float64: bool) -> dict:
@@ -249,7 +247,7 @@ def inspect_recipe(argv: list[str], output_dir: str, float64: bool) -> list[Verd
                     )
                 )
             loss_whole, loss_parts = losses[0][term], losses[1][term] + losses[2][term]
-            if not math.isclose(loss_whole, loss_parts, rel_tol=1e-6 if float64 else 1e-3, abs_tol=1e-9):
+            if not _adds_up(loss_whole, loss_parts, float64):
                 verdicts.append(
                     Verdict(
                         "FAIL",
@@ -333,9 +331,7 @@ def _tokens_counted(phase: Any, models: dict, batch: Any, counts: dict, losses: 
     verdicts = []
     for term in phase.terms:
         whole, parts = float(counts[term]), sum(float(c[term]) for c in split_counts)
-        sums_tokens = math.isclose(
-            losses[term], sum(loss[term] for loss in split_losses), rel_tol=1e-6 if float64 else 1e-3, abs_tol=1e-9
-        )
+        sums_tokens = _adds_up(losses[term], sum(loss[term] for loss in split_losses), float64)
         if sums_tokens and whole != parts:
             verdicts.append(
                 Verdict(
@@ -352,6 +348,11 @@ def _tokens_counted(phase: Any, models: dict, batch: Any, counts: dict, losses: 
         elif sums_tokens:
             verdicts.append(Verdict("PASS", f"items of '{term}' ({phase.name}) are its scored tokens"))
     return verdicts
+
+
+def _adds_up(whole: float, parts: float, float64: bool) -> bool:
+    """A loss of a batch against the sum of its parts' losses, within the precision's rounding."""
+    return math.isclose(whole, parts, rel_tol=1e-6 if float64 else 1e-3, abs_tol=1e-9)
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -386,15 +387,25 @@ def one_process(
 def relative_differences(run: Run, reference: Run) -> dict[str, float]:
     """Per compared value (each parameter's gradient at each boundary, then each final weight): the
     largest difference relative to the reference's largest magnitude of that tensor."""
+
+    def relative(got: Any, expected: Any) -> float:
+        return float((got - expected).abs().max()) / max(float(expected.abs().max()), 1e-12)
+
     out = {}
     for i, (got, expected) in enumerate(zip(run.grads, reference.grads, strict=True)):
         for name, value in expected.items():
-            out[f"boundary {i}, {name}"] = float((got[name] - value).abs().max()) / max(float(value.abs().max()), 1e-12)
+            out[f"boundary {i}, {name}"] = relative(got[name], value)
     for name, value in reference.params.items():
-        out[f"final weights, {name}"] = float((run.params[name] - value).abs().max()) / max(
-            float(value.abs().max()), 1e-12
-        )
+        out[f"final weights, {name}"] = relative(run.params[name], value)
     return out
+
+
+def comparable(run: Run, reference: Run) -> tuple[Run, Run]:
+    """The two runs as they can be compared: DeepSpeed's ZeRO keeps gradients in its own partitions,
+    so without gradients on either side the weights are what is compared."""
+    if any(run.grads) or any(reference.grads):
+        return run, reference
+    return Run(params=run.params, start=run.start), Run(params=reference.params, start=reference.start)
 
 
 @dataclass
@@ -430,12 +441,13 @@ def derive_tolerance(float64: bool, reference: Run, split: Run | None) -> Tolera
     # own), mean the split changed the result, and the checks above say why. With weights only
     # (DeepSpeed's ZeRO keeps gradients in its partitions) the difference is measured against the
     # distance the weights moved, which an adaptive optimizer's amplified rounding stays well within.
-    if any(split.grads) and any(reference.grads):
+    split, reference = comparable(split, reference)
+    if split.grads:
         got, expected = split.grads[0], reference.grads[0]
         off = share({k: got[k] - v for k, v in expected.items() if k in got}, expected)
         trusted = off <= TRUSTED_SPREAD
     else:
-        split, reference, start = Run(params=split.params), Run(params=reference.params), reference.start
+        start = reference.start
         moved = {k: v - start[k] for k, v in reference.params.items() if k in start}
         off = share({k: split.params[k] - v for k, v in reference.params.items() if k in split.params}, moved)
         trusted = off <= 100 * TRUSTED_SPREAD
@@ -457,10 +469,7 @@ def compare(
         return Verdict("FAIL", what, run.error, _cause_of(run.error))
     if len(run.grads) != len(reference.grads):
         return Verdict("FAIL", what, f"{len(run.grads)} boundaries, the reference has {len(reference.grads)}")
-    if not any(run.grads) and not any(reference.grads):
-        # DeepSpeed's ZeRO keeps gradients in its own partitions: the weights after every update
-        # are what can be compared.
-        run, reference = Run(params=run.params), Run(params=reference.params)
+    run, reference = comparable(run, reference)
     for i, (got, expected) in enumerate(zip(run.grads, reference.grads, strict=True)):
         if got.keys() != expected.keys():
             missing = sorted(expected.keys() ^ got.keys())[:3]
@@ -631,7 +640,7 @@ def engine_name(cfg: Any) -> str:
     """The engine as the header names it: DeepSpeed with its ZeRO stage and what it offloads."""
     if not cfg.deepspeed_config:
         return "FSDP2" if cfg.fsdp.enabled else "DDP"
-    from disttrain.deepspeed_config import load_user_config
+    from disttrain.deepspeed_config import load_user_config, zero_stage
 
     zero = load_user_config(cfg.deepspeed_config).get("zero_optimization", {})
     offloaded = [
@@ -640,7 +649,7 @@ def engine_name(cfg: Any) -> str:
         if str(zero.get(key, {}).get("device", "none")).lower() not in ("none", "")
     ]
     offload = "".join(f", {words} offloaded to {device}" for words, device in offloaded)
-    return f"DeepSpeed ZeRO {int(zero.get('stage', 0))}{offload}"
+    return f"DeepSpeed ZeRO {zero_stage(cfg)}{offload}"
 
 
 def report(verdicts: list[Verdict], header: str) -> str:

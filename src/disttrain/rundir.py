@@ -74,12 +74,10 @@ def _new_or_restarted_name(cfg: Config) -> str:
     group takes the directory its launcher's earlier attempt marked."""
     started = (launcher_started() if under_elastic_launcher() else None) or datetime.datetime.now()
     stamp = f"{cfg.recipe_section}-{started:%Y%m%d-%H%M%S}"
-    me = launcher_id()
+    me = launcher_id() if restart_count() else None  # a first attempt has no earlier directory to find
     for name in (f"{stamp}{suffix}" for suffix in ["", *(f"-{i}" for i in range(1, 1000))]):
         path = os.path.join(cfg.output_dir, name)
-        if not os.path.exists(path):
-            return name
-        if restart_count() > 0 and _read(os.path.join(path, LAUNCHER)) == me:
+        if not os.path.exists(path) or _read(os.path.join(path, LAUNCHER)) == me:
             return name
     raise RunDirError(f"1000 run directories named {stamp}-* in {cfg.output_dir}: give run_name=...")
 

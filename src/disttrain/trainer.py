@@ -150,8 +150,10 @@ class Trainer:
         self.models, self.groups = self.engine.models, self.engine.groups
         self.sampler = WindowSampler(self.recipe.num_train, cfg.global_batch_size, cfg.micro_batch_size, cfg.seed)
         self.run_dir, taken_over = make_run_dir(cfg, self.engine)
-        # An earlier attempt's stall, carried in the running status (SLURM requeues once per step).
-        self.earlier_stall = stalled_at(read_status(self.run_dir)) if self.engine.is_main_process else None
+        # What the attempt before left (main process): its stall, carried in the running status (SLURM
+        # requeues once per step), and when it last recorded progress (what a restart cost).
+        self.earlier_status = read_status(self.run_dir) if self.engine.is_main_process else {}
+        self.earlier_stall = stalled_at(self.earlier_status)
         self.board_key = self.engine.share_from_main(uuid.uuid4().hex[:16])  # this run's keys in the job's store
         if taken_over:
             self.say(taken_over)
@@ -173,7 +175,7 @@ class Trainer:
         except BaseException as e:
             if self.engine.is_main_process:  # not the earlier run's `finished`: this attempt's outcome
                 with contextlib.suppress(OSError):
-                    write_status(self.run_dir, "refused", read_status(self.run_dir).get("step", 0), f"{e}")
+                    write_status(self.run_dir, "refused", self.earlier_status.get("step", 0), f"{e}")
                 release_lock(self.run_dir)  # a refused resume leaves the directory to the next run
             raise
         self.step = self.start_step
@@ -513,8 +515,7 @@ class Trainer:
         if restart_count():
             # A restart continues this run whatever `resume` says: from its own newest checkpoint, or
             # from where its first attempt started when it wrote none.
-            previous = read_status(self.run_dir) if self.engine.is_main_process else {}
-            self.restarted_after = self.engine.share_from_main(previous.get("time", time.time()))
+            self.restarted_after = self.engine.share_from_main(self.earlier_status.get("time", time.time()))
             own = complete_checkpoints(self.run_dir)
             resume = "auto" if own or resume == "never" else resume
             if not own and resume == "auto":
