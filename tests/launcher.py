@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -98,6 +99,29 @@ class Job:
             text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1", MARK: self.mark},
         )
+        # Read as it comes: a pipe nobody reads holds 64 KiB, then blocks every process writing to it
+        # (a rank printing its last line before it ends would wait there for good).
+        self._said: dict[str, list[str]] = {"stdout": [], "stderr": []}
+        self._readers = [
+            threading.Thread(target=self._read, args=(stream, self._said[name]), daemon=True)
+            for name, stream in (("stdout", self.proc.stdout), ("stderr", self.proc.stderr))
+            if stream is not None
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    @staticmethod
+    def _read(stream, into: list[str]) -> None:
+        with contextlib.suppress(ValueError, OSError):
+            for line in stream:
+                into.append(line)
+
+    def _collected(self, timeout: float) -> tuple[str, str]:
+        """Everything the job wrote (stdout, stderr), once its pipes closed or `timeout` passed."""
+        deadline = time.monotonic() + timeout
+        for reader in self._readers:
+            reader.join(max(0.0, deadline - time.monotonic()))
+        return "".join(self._said["stdout"]), "".join(self._said["stderr"])
 
     def __enter__(self) -> Job:
         return self
@@ -113,11 +137,10 @@ class Job:
         end_marked(self.mark)
         if self.proc.poll() is None:
             self.proc.kill()
-        out = ""
-        with contextlib.suppress(subprocess.TimeoutExpired, ValueError):  # ValueError: already read
-            out, err = self.proc.communicate(timeout=10)
-            out = (out or "") + (err or "")
-        return out
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=10)
+        out, err = self._collected(timeout=10)
+        return out + err
 
     def wait_gone(self, timeout: float) -> float:
         """Wait until no process of the job is left (the launcher may have been killed); the seconds it
@@ -134,10 +157,10 @@ class Job:
     def wait(self, timeout: float) -> subprocess.CompletedProcess:
         """The launcher's result; the job's processes must all be gone soon after it (LINGER_S)."""
         try:
-            out, err = self.proc.communicate(timeout=timeout)
+            self.proc.wait(timeout=timeout)
+            out, err = self._collected(timeout=LINGER_S)
         except subprocess.TimeoutExpired as e:
-            self.end()
-            raise AssertionError(f"no result after {timeout}s; output so far:\n{e.stdout}\n{e.stderr}") from e
+            raise AssertionError(f"no result after {timeout}s; output so far:\n{self.end()}") from e
         deadline = time.monotonic() + LINGER_S
         while self.processes() and time.monotonic() < deadline:
             time.sleep(0.1)

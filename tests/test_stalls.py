@@ -107,6 +107,10 @@ def test_a_stop_signal_while_a_process_waits_for_data_ends_within_the_grace(tmp_
     assert status(tmp_path)["state"] == "stalled", out[-3000:]
     for rank in (0, 1):
         assert "got SIGTERM" in report(tmp_path, rank) and "stopped without a checkpoint" in report(tmp_path, rank)
+    # The store died with the launcher: each failed store call prints a C++ trace of 2 KB, so each
+    # process calls it no more once the connection broke (one per heartbeat filled 64 KiB pipes).
+    assert out.count("TCPStore.cpp") <= 2, out[-3000:]
+    assert "the job's store ended: Broken pipe" in report(tmp_path, 0)
     assert not (tmp_path / "run" / "checkpoints").exists() or not os.listdir(tmp_path / "run" / "checkpoints")
 
 

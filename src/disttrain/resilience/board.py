@@ -6,6 +6,8 @@ waiting in a collective for a process that is gone.
 A store call can block without end when the process serving the store is stopped (SIGSTOP, a
 frozen rank 0 under a launcher that serves no store of its own). Every call runs in the board's
 own thread; the watchdog waits for an answer only as long as it chooses, then goes on without one.
+Once the store's host has ended (a broken connection: a store client never reconnects), the board
+stops calling it: each failed call prints a C++ trace of 2 KB, one per beat, on every process.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from collections.abc import Callable
 from typing import Any
 
 CONNECT_TIMEOUT_S = 30.0
+# A store client's connection, once its peer closed it, stays broken (torch's TCPStore does not reconnect).
+ENDED = ("Broken pipe", "Connection reset")
 
 
 class _Request:
@@ -110,7 +114,7 @@ class Board:
         except Exception as e:  # no store there (another rendezvous): the watchdog works without a board
             self.error = f"cannot reach the job's store: {e}"
             return
-        next_beat = 0.0
+        next_beat, ended = 0.0, False
         while True:
             try:
                 request = self._requests.get(timeout=max(0.0, next_beat - time.monotonic()))
@@ -119,10 +123,12 @@ class Board:
             if request is None:
                 return
             try:
-                request.result = request.call(store)
-                self.answered, self.error = time.monotonic(), ""
-            except Exception as e:  # the store's host ended: keep trying, the watchdog decides alone
-                self.error = f"the job's store failed: {e}"
+                if not ended:
+                    request.result = request.call(store)
+                    self.answered, self.error = time.monotonic(), ""
+            except Exception as e:  # the watchdog decides alone; a timeout may pass, a broken connection not
+                ended = any(words in str(e) for words in ENDED)
+                self.error = f"the job's store {'ended' if ended else 'failed'}: {e}"
             request.done.set()
             if request.call == self._beat:
                 next_beat = time.monotonic() + self.beat_s
