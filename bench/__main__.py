@@ -2,7 +2,7 @@
 
     python -m bench                      # everything, 15 to 20 interleaved repetitions (about 25 minutes on 2 cores)
     python -m bench --quick              # 3 repetitions and short blocks, for development
-    python -m bench --only loop,comm     # some sections (loop comm peers memory startup gpu data sharding speed)
+    python -m bench --only loop,comm     # some sections (loop comm peers memory startup gpu data sharding speed checkpoint)
     python -m bench --render BENCHMARKS.json   # rewrite BENCHMARKS.md from saved results
 
 The raw results live beside the report, in BENCHMARKS.json (committed with it). A run starts from
@@ -30,7 +30,7 @@ from typing import Any
 from bench import results
 from bench.harness import REPO, run_job
 
-SECTIONS = ("loop", "comm", "peers", "memory", "startup", "gpu", "data", "sharding", "speed")
+SECTIONS = ("loop", "comm", "peers", "memory", "startup", "gpu", "data", "sharding", "speed", "checkpoint")
 
 
 def now() -> str:
@@ -113,6 +113,11 @@ def sections(quick: bool) -> dict[str, Callable[[], Any]]:
 
         return measure(repeats=1 if quick else 3, steps=3 if quick else 5)
 
+    def checkpoint() -> Any:
+        from bench.checkpointing import measure
+
+        return measure(reps=2 if quick else 6)
+
     def gpu() -> Any:
         import torch
 
@@ -134,6 +139,7 @@ def sections(quick: bool) -> dict[str, Callable[[], Any]]:
         "sharding": sharding,
         # One process: compiled against eager steps/s, and memory with activation checkpointing.
         "speed": lambda: run_job("bench.speed", common, nproc=1, timeout=1800),
+        "checkpoint": checkpoint,
     }
 
 

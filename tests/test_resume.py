@@ -47,11 +47,12 @@ CASES = {
     ],
 }
 # How a process fails in the in-job restart of each case, and at which step (after checkpoints).
+# DDP and FSDP2 write those checkpoints in the background: the restart resumes from one of them.
 RESTART_FAULTS = {
-    "seq2seq": ["debug.fail_how=kill", "debug.fail_at_step=7"],
+    "seq2seq": ["debug.fail_how=kill", "debug.fail_at_step=7", "checkpoint_async=true"],
     "gan": ["debug.fail_how=raise", "debug.fail_at_step=5", "debug.fail_rank=0"],
     "seq2seq-zero3": ["debug.fail_how=kill", "debug.fail_at_step=6"],
-    "seq2seq-fsdp2": ["debug.fail_how=hang", "debug.fail_at_step=6", "stall_timeout_s=10"],
+    "seq2seq-fsdp2": ["debug.fail_how=hang", "debug.fail_at_step=6", "stall_timeout_s=10", "checkpoint_async=true"],
 }
 LAUNCHERS = {
     "seq2seq-zero3": "configs/accelerate/deepspeed_zero3.yaml",

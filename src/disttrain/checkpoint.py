@@ -20,24 +20,34 @@ weights are kept, and the trainer's state as a plain dict. It knows no trainer.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import random
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from omegaconf import OmegaConf
 from torch import nn
+from torch.distributed import ProcessGroup
 
 from disttrain.config import Config, flat_items, processes, to_yaml
 from disttrain.engines.base import Engine
-from disttrain.safe_files import CheckpointError, file_sha256, safe_load, save_torch
-from disttrain.weights import read_weights, shared_names, write_weights
+from disttrain.safe_files import (
+    CheckpointError,
+    copied_for_later,
+    file_sha256,
+    safe_load,
+    serialized_now,
+    torch_bytes,
+    write_bytes,
+)
+from disttrain.weights import read_weights, shared_names, weights_bytes
 
 MANIFEST = "manifest.json"
 _NAME = re.compile(r"^step-(\d{8})$")
@@ -55,6 +65,7 @@ RESUMABLE_CHANGES = (
     "progress_bar",
     "checkpoint_every",
     "keep_checkpoints",
+    "checkpoint_async",
     "resume",
     "on_nonfinite",
     "collective_timeout_s",
@@ -146,6 +157,41 @@ def save_checkpoint(
     disk) fails on every process with that process's reason, and leaves the previous checkpoint
     the newest complete one.
     """
+    staged = stage_checkpoint(run_dir, step, engine, models, state, cfg)
+    return write_staged(staged, engine, cfg.keep_checkpoints, engine.gather_objects, engine.wait_for_everyone)
+
+
+@dataclass
+class Staged:
+    """A checkpoint taken from the training state, not yet on disk: this process's files (each as
+    the function that makes its bytes, from a copy when training goes on meanwhile), and the
+    engine's part as the function that writes it."""
+
+    run_dir: str
+    step: int
+    files: dict[str, Callable[[], bytes]]
+    write_engine_part: Callable[[], dict[str, str]]
+    failure: str = ""  # why its directory could not be made (the write then fails on every process)
+
+    @property
+    def final(self) -> str:
+        return os.path.join(checkpoints_dir(self.run_dir), f"step-{self.step:08d}")
+
+
+def stage_checkpoint(
+    run_dir: str,
+    step: int,
+    engine: Engine,
+    models: dict[str, nn.Module],
+    state: dict[str, Any],
+    cfg: Config,
+    background: bool = False,
+    group: ProcessGroup | None = None,
+) -> Staged:
+    """The checkpoint of the state after `step`, ready to write; a collective (the space check, the
+    directory, gathered weights). With `background` the engine's part is copied to host memory now,
+    so that `write_staged` may run in another thread while training goes on, its collectives over
+    `group` (None: one process); without, the engine writes its live state then."""
     main = engine.is_main_process
     final = os.path.join(checkpoints_dir(run_dir), f"step-{step:08d}")
     tmp = final + ".tmp"
@@ -156,7 +202,7 @@ def save_checkpoint(
     refusal = engine.share_from_main(refusal)
     if refusal:
         raise CheckpointWriteError(refusal)
-    failure, digests = "", {}
+    failure = ""
     try:
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -165,19 +211,44 @@ def save_checkpoint(
     except OSError as e:
         failure = disk_error(e, tmp)
     engine.wait_for_everyone()
+    kept = copied_for_later if background else serialized_now
+    files = {os.path.join(tmp, "rng", f"rank-{engine.rank}.pt"): kept(_rng_state(), torch_bytes)}
+    for name, module in models.items():
+        with engine.full_weights(module):  # a collective where weights are sharded
+            if main:
+                files[os.path.join(tmp, "models", f"{name}.safetensors")] = kept(module.state_dict(), weights_bytes)
+    if main:
+        files[os.path.join(tmp, "trainer.pt")] = kept(state, torch_bytes)
+        files[os.path.join(tmp, "config.yaml")] = serialized_now(cfg, lambda c: to_yaml(c).encode())
+    later = engine.save_state_later(tmp, group) if background else functools.partial(engine.save_state, tmp)
+    return Staged(run_dir, step, files, later, failure)
+
+
+def write_staged(
+    staged: Staged,
+    engine: Engine,
+    keep: int,
+    gather: Callable[[Any], list[Any]],
+    barrier: Callable[[], None],
+) -> str:
+    """Write a staged checkpoint and publish it (main process); every process calls it, with
+    `gather` and `barrier` over the process group it runs in (the training one, or the background
+    writer's own). Returns the published path; raises CheckpointWriteError on every process alike."""
+    main, final, step = engine.is_main_process, staged.final, staged.step
+    tmp = final + ".tmp"
+    failure, digests = staged.failure, {}
     try:
-        # Collectives inside (gathering sharded weights, DeepSpeed's own save): every process takes
-        # part; a failed write is reported after them, so no process waits for one that gave up.
-        digests.update(write_weights(models, os.path.join(tmp, "models"), engine))
-        digests.update(engine.save_state(tmp))
-        if main:
-            digests[os.path.join(tmp, "trainer.pt")] = save_torch(state, os.path.join(tmp, "trainer.pt"))
-            with open(os.path.join(tmp, "config.yaml"), "w") as f:
-                f.write(to_yaml(cfg))
-        save_torch(_rng_state(), os.path.join(tmp, "rng", f"rank-{engine.rank}.pt"))
+        for path, data in staged.files.items():
+            digests[path] = write_bytes(path, data())
     except OSError as e:
         failure = failure or disk_error(e, tmp)
-    failures = engine.gather_objects(failure)  # also the barrier before publishing
+    try:
+        # Collectives inside (DeepSpeed's own save, DCP's plan): every process takes part; a failed
+        # write is reported after them, so no process waits for one that gave up.
+        digests.update(staged.write_engine_part())
+    except OSError as e:
+        failure = failure or disk_error(e, tmp)
+    failures = gather(failure)  # also the barrier before publishing
     if any(failures):
         rank, reason = next((r, f) for r, f in enumerate(failures) if f)
         if main:
@@ -197,8 +268,8 @@ def save_checkpoint(
             _fsync(path)
         os.rename(tmp, final)
         _fsync(os.path.dirname(final))
-        prune(run_dir, cfg.keep_checkpoints)
-    engine.wait_for_everyone()
+        prune(staged.run_dir, keep)
+    barrier()
     return final
 
 

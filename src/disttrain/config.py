@@ -150,10 +150,18 @@ class DebugConfig:
     fail_attempt: int = setting(
         0, "the attempt it fails in: 0 the first, k the k-th restart by accelerate launch --max_restarts"
     )
+    slow_write_at: int = setting(
+        0,
+        "with checkpoint_async: the background write of this step's checkpoint waits slow_write_s before it "
+        "publishes (a slow disk); 0: never",
+    )
+    slow_write_s: float = setting(60.0, "how long that write waits")
 
     def validate(self, world_size: int) -> None:
         at_least("debug.fail_at_step", self.fail_at_step, 0)
         at_least("debug.fail_attempt", self.fail_attempt, 0)
+        at_least("debug.slow_write_at", self.slow_write_at, 0)
+        at_least("debug.slow_write_s", self.slow_write_s, 0)
         one_of("debug.fail_how", self.fail_how, FAULTS)
         if self.fail_at_step and not 0 <= self.fail_rank < world_size:
             raise ConfigError(
@@ -244,6 +252,11 @@ class Config:
     )
     keep_checkpoints: int = setting(
         3, "complete checkpoints kept in <run directory>/checkpoints; older ones are deleted"
+    )
+    checkpoint_async: bool = setting(
+        False,
+        "write periodic checkpoints in the background: training stops only to copy the state to host "
+        "memory (one copy per process); DDP and FSDP2, not DeepSpeed",
     )
     resume: str = setting(
         "auto",

@@ -87,6 +87,12 @@ def check_deepspeed(cfg: Config, world_size: int) -> None:
         return
     user = load_user_config(cfg.deepspeed_config)
     check_against_run(user, cfg.deepspeed_config, cfg, world_size)
+    if cfg.checkpoint_async:
+        raise ConfigError(
+            "checkpoint_async=true is not supported under DeepSpeed (its engines write their partitions "
+            "themselves, with collectives on the training process group, so the write cannot leave the "
+            "step); set checkpoint_async=false, or train with the ddp or fsdp2 launch config"
+        )
     if cfg.on_nonfinite == "skip":
         raise ConfigError(
             "on_nonfinite=skip is not supported under DeepSpeed (its engines keep the reduced gradients "

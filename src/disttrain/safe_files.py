@@ -12,9 +12,11 @@ import hashlib
 import io
 import os
 import pickle
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_map_only
 
 
 class CheckpointError(RuntimeError):
@@ -49,9 +51,27 @@ def write_bytes(path: str, data: bytes) -> str:
 
 def save_torch(obj: Any, path: str) -> str:
     """`torch.save` to `path`; returns the file's sha256 (see write_bytes)."""
+    return write_bytes(path, torch_bytes(obj))
+
+
+def torch_bytes(obj: Any) -> bytes:
+    """What `torch.save` writes for `obj`, in memory."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    return write_bytes(path, buffer.getbuffer().tobytes())
+    return buffer.getbuffer().tobytes()
+
+
+def serialized_now(obj: Any, to_bytes: Callable[[Any], bytes]) -> Callable[[], bytes]:
+    """`obj`'s bytes, made now (while sharded weights are gathered, say)."""
+    data = to_bytes(obj)
+    return lambda: data
+
+
+def copied_for_later(obj: Any, to_bytes: Callable[[Any], bytes]) -> Callable[[], bytes]:
+    """`obj`'s bytes, made later from a copy of its tensors taken now: a copy costs a step a memory
+    copy, serializing (pickling, checksums) is left to the thread that writes."""
+    kept = tree_map_only(torch.Tensor, lambda t: t.detach().clone(), obj)
+    return lambda: to_bytes(kept)
 
 
 def file_sha256(path: str) -> str:

@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from disttrain.accumulation import MicroBatch, UpdateResult, WindowResult, accumulate_window
+from disttrain.background_checkpoint import BackgroundWriter
 from disttrain.checkpoint import (
     DISK_ERRNOS,
     CheckpointDamaged,
@@ -35,6 +36,7 @@ from disttrain.checkpoint import (
     remove_unpublished,
     save_checkpoint,
     set_aside_later,
+    stage_checkpoint,
 )
 from disttrain.config import Config, ConfigError, exit_with_config_error, is_main_launch_process
 from disttrain.data.loader import Loaded, plan_loader
@@ -155,6 +157,16 @@ class Trainer:
         self.earlier_status = read_status(self.run_dir) if self.engine.is_main_process else {}
         self.earlier_stall = stalled_at(self.earlier_status)
         self.board_key = self.engine.share_from_main(uuid.uuid4().hex[:16])  # this run's keys in the job's store
+        self.background = (
+            BackgroundWriter(
+                self.engine,
+                cfg.keep_checkpoints,
+                cfg.collective_timeout_s,
+                (cfg.debug.slow_write_at, cfg.debug.slow_write_s),
+            )
+            if cfg.checkpoint_async
+            else None
+        )
         if taken_over:
             self.say(taken_over)
         self.recipe.run_dir, self.recipe.main_process = self.run_dir, self.engine.is_main_process
@@ -353,11 +365,12 @@ class Trainer:
                     self.say(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
                 saved = None
                 if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done != cfg.steps:
-                    saved = self.save_checkpoint(done)
+                    saved = self.save_checkpoint(done, background=cfg.checkpoint_async)
                 self.progress.at(STEP_END)
                 if self.accelerator.check_trigger():  # a process caught a stop signal: all stop here
                     self.stopped = True
                     watchdog.boundary_reached()
+                    self.checkpoint_written()  # this step's, or an earlier one still in flight
                     self._stop_on_signal(done, saved or self.save_checkpoint(done))
                     return {}
             train_time = time.perf_counter() - start
@@ -501,12 +514,25 @@ class Trainer:
         # resumed run averages at the same steps as a straight one, so resuming stays bit-identical.
         average_running_stats([*self.recipe.models.values(), *self.recipe.exported_models().values()], self.engine)
 
-    def save_checkpoint(self, step: int) -> str:
+    def save_checkpoint(self, step: int, background: bool = False) -> str:
+        """The checkpoint after `step`, published; with `background` (checkpoint_async) its path, while
+        a thread writes it. Either waits for the checkpoint in flight first."""
         self.progress.at(CHECKPOINT)
+        self.checkpoint_written()
         self._average_running_stats()
-        return save_checkpoint(
-            self.run_dir, step, self.engine, self.recipe.exported_models(), self.state_dict(step), self.cfg
-        )
+        models, state = self.recipe.exported_models(), self.state_dict(step)
+        if not background:
+            return save_checkpoint(self.run_dir, step, self.engine, models, state, self.cfg)
+        assert self.background is not None
+        staged = stage_checkpoint(self.run_dir, step, self.engine, models, state, self.cfg, True, self.background.group)
+        return self.background.start(staged)
+
+    def checkpoint_written(self) -> str | None:
+        """The checkpoint written in the background, once published (None if none is in flight)."""
+        if self.background is None:
+            return None
+        self.progress.at(CHECKPOINT)
+        return self.background.wait()
 
     def _resume(self) -> str | None:
         """Load the checkpoint `resume` names (auto: the run directory's newest complete one)."""
@@ -589,6 +615,7 @@ class Trainer:
         if result.untouched:
             saved = self.save_checkpoint(step)
         else:  # an earlier phase of this step already updated its model: not the state of any step
+            self.checkpoint_written()
             found = complete_checkpoints(self.run_dir)
             saved = found[-1] if found else None
         raise FloatingPointError(

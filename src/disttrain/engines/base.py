@@ -140,6 +140,12 @@ class Engine(ABC):
         """Write the engine's part of a checkpoint (optimizer states...); every process calls it.
         Returns the sha256 of the files it checksummed while writing them (path -> digest)."""
 
+    def save_state_later(self, directory: str, group: Any) -> Callable[[], dict[str, str]]:
+        """Copy the engine's part of a checkpoint to host memory now; the function returned writes it
+        (as `save_state` does) from another thread while training goes on, with collectives only over
+        `group` (None: one process). Engines that cannot write outside the step do not override it."""
+        raise NotImplementedError(f"the {self.name} engine cannot write checkpoints in the background")
+
     @abstractmethod
     def load_state(self, directory: str) -> None:
         """Restore what `save_state` wrote; raises CheckpointError with the reason."""

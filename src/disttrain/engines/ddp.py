@@ -9,7 +9,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,7 +18,7 @@ from torch import nn
 from disttrain.accumulation import OptimizerGroup, UpdateResult, WindowResult
 from disttrain.config import Config
 from disttrain.engines.base import Engine, build_accelerator
-from disttrain.safe_files import CheckpointError, safe_load, save_torch
+from disttrain.safe_files import CheckpointError, copied_for_later, safe_load, save_torch, torch_bytes, write_bytes
 
 OPTIMIZERS_FILE = "optimizers.pt"
 
@@ -99,6 +100,15 @@ class DDPEngine(Engine):
         states = {g.name: unwrap_optimizer(g.optimizer).state_dict() for g in self.groups}
         path = os.path.join(directory, OPTIMIZERS_FILE)
         return {path: save_torch(states, path)}
+
+    def save_state_later(self, directory: str, group: Any) -> Callable[[], dict[str, str]]:
+        if not self.is_main_process:
+            return dict
+        path = os.path.join(directory, OPTIMIZERS_FILE)
+        states = copied_for_later(
+            {g.name: unwrap_optimizer(g.optimizer).state_dict() for g in self.groups}, torch_bytes
+        )
+        return lambda: {path: write_bytes(path, states())}
 
     def load_state(self, directory: str) -> None:
         states = safe_load(os.path.join(directory, OPTIMIZERS_FILE), directory)

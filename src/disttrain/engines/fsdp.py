@@ -30,6 +30,7 @@ from torch.distributed.tensor import DTensor, Partial
 from disttrain.accumulation import OptimizerGroup, UpdateResult, WindowResult
 from disttrain.config import Config, ConfigError
 from disttrain.engines.base import Engine, build_accelerator
+from disttrain.engines.process_group import gather_over
 from disttrain.optim import same_class_optimizer
 from disttrain.safe_files import CheckpointError, dcp_planner, dcp_reader, file_sha256
 
@@ -255,11 +256,28 @@ class FSDPEngine(Engine):
 
         path = os.path.join(directory, STATE_DIR)
         dcp.save(self._state(), checkpoint_id=path)
+        return self._digests(path, self.gather_objects)
+
+    def save_state_later(self, directory: str, group: Any) -> Callable[[], dict[str, str]]:
+        """DCP's asynchronous save: it copies the shards to host memory before it returns, then its
+        thread writes them, coordinating over `group` (not the training group, busy meanwhile)."""
+        import torch.distributed.checkpoint as dcp
+
+        path = os.path.join(directory, STATE_DIR)
+        written = dcp.async_save(self._state(), checkpoint_id=path, process_group=group)
+
+        def write() -> dict[str, str]:
+            written.result()
+            return self._digests(path, gather_over(group))
+
+        return write
+
+    def _digests(self, path: str, gather: Callable[[Any], list[Any]]) -> dict[str, str]:
         own = sorted(glob.glob(os.path.join(path, f"__{self.rank}_*")))
         if self.is_main_process:
             own += [p for p in glob.glob(os.path.join(path, ".*")) if os.path.isfile(p)]
         digests: dict[str, str] = {}
-        for part in self.gather_objects({p: file_sha256(p) for p in own}):
+        for part in gather({p: file_sha256(p) for p in own}):
             digests.update(part)
         return digests if self.is_main_process else {}
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import datetime
 import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -51,6 +53,30 @@ def join_restarted_group(timeout_s: int) -> None:
         world_size=world_size,
         timeout=timeout,
     )
+
+
+def side_group(timeout_s: int) -> Any:
+    """A gloo process group of all processes beside the training one, for a thread that must meet
+    the others while the main thread trains (a background checkpoint); None for one process. Every
+    process creates it, in the same order as its other groups."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    if torch.distributed.get_world_size() == 1:
+        return None
+    return torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def gather_over(group: Any) -> Callable[[Any], list[Any]]:
+    """Every process's value, in rank order, gathered over `group` (None: this process's alone)."""
+
+    def gather(value: Any) -> list[Any]:
+        if group is None:
+            return [value]
+        out: list[Any] = [None] * torch.distributed.get_world_size(group)
+        torch.distributed.all_gather_object(out, value, group=group)
+        return out
+
+    return gather
 
 
 # Works of each process's last barrier, kept until the process ends (see release_process_group).
