@@ -57,11 +57,9 @@ def join_restarted_group(timeout_s: int) -> None:
 
 def side_group(timeout_s: int) -> Any:
     """A gloo process group of all processes beside the training one, for a thread that must meet
-    the others while the main thread trains (a background checkpoint); None for one process. Every
+    the others while the main thread trains (a background checkpoint); None without a process group. Every
     process creates it, in the same order as its other groups."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return None
-    if torch.distributed.get_world_size() == 1:
         return None
     return torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
 
