@@ -3,7 +3,7 @@ goes on while a write is in flight, a kill meanwhile leaves the previous checkpo
 complete one, a stop signal waits for the write before it writes its own, and the run that resumes
 ends bit-identical to one never interrupted. `debug.slow_write_at` holds one write in flight (a slow
 disk) through the real writer. The in-job restart tests (test_resume.py) resume from background
-checkpoints on DDP and FSDP2 as well."""
+checkpoints on DDP and FSDP2 as well; DeepSpeed's refusal is in test_failures.py."""
 
 from __future__ import annotations
 
@@ -13,8 +13,6 @@ import signal
 import pytest
 import torch
 
-from disttrain.config import ConfigError
-from disttrain.preflight import resolve_config
 from tests.launcher import accelerate, kill_when, launch
 from tests.test_resume import weights
 
@@ -64,8 +62,3 @@ def test_a_kill_or_a_stop_during_a_background_write_loses_nothing(tmp_path):
     for file, tensors in straight.items():
         for name, value in tensors.items():
             assert torch.equal(value, resumed[file][name]), f"{file}:{name} differs"
-
-
-def test_background_checkpoints_are_refused_under_deepspeed():
-    with pytest.raises(ConfigError, match="checkpoint_async=true is not supported under DeepSpeed"):
-        resolve_config(["checkpoint_async=true", "deepspeed_config=configs/deepspeed/zero2.json"], world_size=1)

@@ -393,3 +393,14 @@ def test_slurm_scripts_refuse_a_malformed_accelerate_config_before_starting_anyt
         == f"config error: {bad}: num_processes: 'two' is not a whole number; give num_processes a whole number\n"
     )
     assert result.stdout == ""  # nothing after the check ran: not even the job's banner
+
+
+def test_the_start_up_line_names_the_cpu_threads_and_where_their_count_comes_from(monkeypatch):
+    import torch
+
+    from disttrain.summary import threads_words
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert threads_words() == f"{torch.get_num_threads()} CPU thread(s) per process (OMP_NUM_THREADS=1)"
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert "torch's default: every core; set OMP_NUM_THREADS to share" in threads_words()

@@ -54,3 +54,8 @@ def test_a_nan_stops_the_run_with_the_state_before_it(tmp_path):
 def test_skipping_is_refused_under_deepspeed():
     with pytest.raises(ConfigError, match="on_nonfinite=skip is not supported under DeepSpeed"):
         resolve_config(["on_nonfinite=skip", "deepspeed_config=configs/deepspeed/zero2.json"], world_size=1)
+
+
+def test_background_checkpoints_are_refused_under_deepspeed():
+    with pytest.raises(ConfigError, match="checkpoint_async=true is not supported under DeepSpeed"):
+        resolve_config(["checkpoint_async=true", "deepspeed_config=configs/deepspeed/zero2.json"], world_size=1)

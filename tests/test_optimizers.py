@@ -35,6 +35,10 @@ def test_optimizer_classes_are_checked_before_launch():
     assert "is not a torch.optim.Optimizer subclass" in refused("classifier.optimizer.name=collections.OrderedDict")
     missing = refused(f"classifier.optimizer.name={STRICT}")
     assert "missing a required argument: 'damping'" in missing and "classifier.optimizer.kwargs.<name>" in missing
+    unexpected = refused(f"classifier.optimizer.name={STRICT}", "classifier.optimizer.kwargs.damping=0.5",
+                         "classifier.optimizer.kwargs.dampen=0.1")  # fmt: skip
+    assert "unexpected keyword argument 'dampen'" in unexpected, unexpected
+    assert "remove classifier.optimizer.kwargs.dampen (" in unexpected and "damping" in unexpected, unexpected
     assert "takes no weight_decay" in refused(
         f"classifier.optimizer.name={STRICT}",
         "classifier.optimizer.kwargs.damping=0.5",

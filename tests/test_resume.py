@@ -13,13 +13,18 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+import sys
+import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from tests.cases import RECIPES, TINY_GAN
-from tests.launcher import accelerate, kill_when, launch
+from tests.dist import free_port
+from tests.launcher import Job, accelerate, kill_when, launch
+from tests.tracking_files import wandb_runs
 
 pytestmark = pytest.mark.slow
 
@@ -50,7 +55,8 @@ CASES = {
 # DDP and FSDP2 write those checkpoints in the background: the restart resumes from one of them.
 RESTART_FAULTS = {
     "seq2seq": ["debug.fail_how=kill", "debug.fail_at_step=7", "checkpoint_async=true"],
-    "gan": ["debug.fail_how=raise", "debug.fail_at_step=5", "debug.fail_rank=0"],
+    # the main process, which holds the W&B run: the restarted group continues that run
+    "gan": ["debug.fail_how=raise", "debug.fail_at_step=5", "debug.fail_rank=0", "tracker=wandb", "wandb.mode=offline"],
     "seq2seq-zero3": ["debug.fail_how=kill", "debug.fail_at_step=6"],
     "seq2seq-fsdp2": ["debug.fail_how=hang", "debug.fail_at_step=6", "stall_timeout_s=10", "checkpoint_async=true"],
 }
@@ -100,6 +106,10 @@ def test_killed_run_resumes_bit_identically(tmp_path, case):
     for file, tensors in weights(run_dir).items():
         for name, value in tensors.items():
             assert torch.equal(value, straight[file][name]), f"{file}:{name} differs after {fault}"
+    if "tracker=wandb" in fault:
+        failed, continued = wandb_runs(str(run_dir))  # one file per attempt, one W&B run
+        assert continued.resumed and failed.run_id == continued.run_id, (failed.run_id, continued.run_id)
+        assert continued.steps("restarts") and continued.history["restarts"][continued.steps("restarts")[0]] == 1
 
 
 def test_without_restarts_the_same_failure_ends_the_job_naming_the_process(tmp_path):
@@ -111,3 +121,47 @@ def test_without_restarts_the_same_failure_ends_the_job_naming_the_process(tmp_p
     assert "rank      : 1 (local_rank: 1)" in cause and "SIGKILL" in cause, result.stderr[-2000:]
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert status["state"] == "failed" and "restarts" not in status, status
+
+
+def test_a_lost_node_restarts_the_group_on_the_processes_left_resharded(tmp_path, monkeypatch):
+    # Two "nodes" of one process each under torch's elastic launcher (--nnodes 1:2); one node is lost
+    # (its launcher and its process SIGKILLed). The other's group restarts on 1 process, resumes the
+    # FSDP2 shards resharded, and ends bit-identical to the run that resumes the same checkpoint on 1
+    # process by hand: the straight run's math from the step it resumed.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # one thread per process under every launcher: the same sums
+    args = [*RECIPES["seq2seq"], "seq2seq.num_train=40", "fsdp.enabled=true", *SHAPE, f"output_dir={tmp_path}"]
+    args += ["steps=10", "checkpoint_every=2", "keep_checkpoints=10"]
+    straight_ckpts = tmp_path / "straight" / "checkpoints"
+    launch(accelerate(), *args, "run_name=straight", "checkpoint_every=1")
+
+    port = free_port()
+    node = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1:2", "--nproc_per_node", "1"]
+    node += ["--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "lost-node"]
+    node += ["--max_restarts", "1", "--monitor_interval", "0.5", "--rdzv_conf"]
+    # The node that stays serves the rendezvous store. Both join the first round (within its last
+    # call); after the loss, the next round waits as long for a node that does not come.
+    conf = "join_timeout=120,last_call_timeout=5,is_host="
+    run = tmp_path / "elastic"
+    with Job([*node, conf + "true"], *args, "run_name=elastic") as first:
+        lost = Job([*node, conf + "false"], *args, "run_name=elastic")
+        deadline = time.monotonic() + 120
+        while not (run / "checkpoints" / "step-00000004").exists():
+            assert time.monotonic() < deadline and first.proc.poll() is None, first.end()[-3000:]
+            time.sleep(0.05)
+        lost.end()  # the node is gone: its launcher and its process
+        result = first.wait(240)
+    lost.end()
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    resumed = re.search(r"restart 1 of 1: resuming from \S+/step-(\d{8}) ", out)
+    said = "was written by 2 processes, this run has 1: its FSDP2 shards are resharded to them; the updates continue"
+    assert resumed and said in out, out[-3000:]  # no dropout in this model: nothing is reseeded
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "finished" and status["restarts"] == 1, status
+
+    checkpoint = straight_ckpts / f"step-{resumed.group(1)}"
+    launch([*accelerate(), "--num_processes", "1"], *args, "run_name=by-hand", f"resume={checkpoint}")
+    by_hand = weights(tmp_path / "by-hand")
+    for file, tensors in weights(run).items():
+        for name, value in tensors.items():
+            assert torch.equal(value, by_hand[file][name]), f"{file}:{name} differs"

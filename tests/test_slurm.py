@@ -8,6 +8,7 @@ scripts run unchanged, with the knobs a user sets on the sbatch line: CPU proces
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -49,14 +50,20 @@ class Job:
 
 
 def submit(
-    cluster: SlurmCluster, script: str, sbatch_args: tuple[str, ...], workdir: Path, runs: Path, **env: str
+    cluster: SlurmCluster,
+    script: str,
+    sbatch_args: tuple[str, ...],
+    workdir: Path,
+    runs: Path,
+    extra: tuple[str, ...] = (),
+    **env: str,
 ) -> tuple[int, Path]:
     log = workdir / "job.out"
     job = cluster.submit(
         script,
         f"--output={log}",
         *sbatch_args,
-        train_args=(*TRAIN, f"output_dir={runs}"),
+        train_args=(*TRAIN, f"output_dir={runs}", *extra),
         TMPDIR=str(workdir),  # torch's launcher writes scratch files there
         **env,
     )
@@ -70,19 +77,21 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def two_nodes(slurm_cluster: SlurmCluster, tmp_path_factory) -> tuple[dict[str, Job], Path]:
     """The multi-node script on both nodes, never interrupted, with the DDP, a DeepSpeed and the FSDP2
-    config (each node has two fake GPUs: the third job starts when one of the first two ends);
-    meanwhile one process with the same settings. Returns the jobs by engine and the one process's
-    run directory."""
+    config, and DDP once more where the process on the second node dies at step 120 and the job
+    restarts its processes in place (MAX_RESTARTS=1); each node has two fake GPUs: the third job
+    starts when one of the first two ends. Meanwhile one process with the same settings. Returns
+    the jobs by name and the one process's run directory."""
     submitted = {}
-    for engine, env in (
-        ("ddp", {}),
-        ("zero2", {"ACCELERATE_CONFIG": "configs/accelerate/deepspeed_zero2.yaml"}),
-        ("fsdp2", {"ACCELERATE_CONFIG": "configs/accelerate/fsdp2.yaml"}),
+    for engine, env, extra in (
+        ("ddp", {}, ()),
+        ("zero2", {"ACCELERATE_CONFIG": "configs/accelerate/deepspeed_zero2.yaml"}, ()),
+        ("fsdp2", {"ACCELERATE_CONFIG": "configs/accelerate/fsdp2.yaml"}, ()),
+        ("ddp_restarted", {"MAX_RESTARTS": "1"}, ("checkpoint_every=50", "debug.fail_at_step=120")),
     ):
         workdir = tmp_path_factory.mktemp(f"two_nodes_{engine}")
         # A space in an argument: it reaches train.py as one argument through sbatch, srun and the launcher.
         runs = workdir / "two nodes"
-        job, log = submit(slurm_cluster, "slurm/multi_node.sbatch", TWO_NODES, workdir, runs, **env)
+        job, log = submit(slurm_cluster, "slurm/multi_node.sbatch", TWO_NODES, workdir, runs, extra, **env)
         submitted[engine] = job, log, runs / f"seq2seq-{job}"
     workdir = tmp_path_factory.mktemp("one_process")
     one = subprocess.run(
@@ -122,6 +131,21 @@ def test_two_nodes_train_together_like_one_process(slurm_cluster: SlurmCluster, 
     assert two.keys() == single.keys()
     for name in single:
         torch.testing.assert_close(two[name], single[name], rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_a_process_lost_on_one_node_restarts_the_job_in_place(slurm_cluster: SlurmCluster, two_nodes) -> None:
+    jobs, _ = two_nodes
+    job, straight = jobs["ddp_restarted"], jobs["ddp"]
+    log = job.log.read_text()
+    # Not requeued by SLURM: both nodes' launchers restarted their processes inside the job.
+    assert job.info["JobState"] == "COMPLETED" and job.info["Restarts"] == "0", slurm_cluster.report(job.log)
+    assert "process 1: debug.fail_how=kill at step 120" in log, log[-3000:]
+    assert "restart 1 of 1: resuming from" in log and "step-00000100" in log, log[-3000:]
+    status = json.loads((job.run_dir / "status.json").read_text())
+    assert status["state"] == "finished" and status["restarts"] == 1, status
+    restarted, never = weights(job.run_dir), weights(straight.run_dir)
+    for name, value in never.items():
+        assert torch.equal(restarted[name], value), name
 
 
 def wait_for(cluster: SlurmCluster, job: int, log: Path, ready: Callable[[str], bool], what: str) -> None:

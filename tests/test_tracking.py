@@ -248,3 +248,27 @@ def test_a_training_run_tracks_every_metric_and_a_stopped_run_resumes_it(tmp_pat
         assert before.steps(name) == [2] and after.steps(name) == [4, 6], name
     assert after.steps("eval/exact_match") == [4, 6]
     assert after.config["global_batch_size"] == 16
+
+
+def test_the_logged_learning_rate_is_the_one_each_step_used(tmp_path):
+    """A schedule steps after its update: read at the log, it is the next step's rate (a one-step
+    cosine run logged 0 though its update used the peak)."""
+    from disttrain.trainer import Trainer
+
+    args = ["config=configs/debug.yaml", "steps=3", "log_every=1", "checkpoint_every=0", "tracker=none"]
+    trainer = Trainer(resolve_config([*args, "progress_bar=false", f"output_dir={tmp_path}"], world_size=1))
+    used: dict[int, float] = {}
+    for g in trainer.groups:
+        step = g.optimizer.step
+
+        def recording(*a, step=step, g=g, **k):
+            used.setdefault(len(used) + 1, g.optimizer.param_groups[0]["lr"])
+            return step(*a, **k)
+
+        g.optimizer.step = recording
+        break  # the encoder's optimizer
+    logged: dict[int, float] = {}
+    log = trainer._log
+    trainer._log = lambda step, report: (logged.__setitem__(step, report["lr/encoder"]), log(step, report))
+    trainer.fit()
+    assert logged == used and len(set(used.values())) == 3, (logged, used)

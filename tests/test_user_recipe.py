@@ -16,6 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from disttrain.config import ConfigError
+from disttrain.preflight import resolve_config
 from tests.launcher import PYTHON, REPO, accelerate, launch
 
 USER_RECIPE = "recipe=tests.fixture_recipes.regression"
@@ -103,3 +105,13 @@ def test_a_copied_builtin_recipe_trains_under_its_new_name(tmp_path):
         env=env,
     )
     assert refused.stderr.strip() == "config error: mymodel.depth=0 must be >= 1"
+
+
+def test_a_top_level_module_is_a_recipe_too(tmp_path, monkeypatch):
+    """`recipe=myreg`: a module path without a dot (a built-in name would come first)."""
+    shutil.copytree(os.path.join(REPO, "src", "disttrain", "recipes", "classifier"), tmp_path / "myreg")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = resolve_config(["recipe=myreg", "myreg.hidden=8"], world_size=1)
+    assert cfg.recipe_config.hidden == 8 and cfg.recipe_section == "myreg"
+    with pytest.raises(ConfigError, match="recipe='nosuchrecipe' is not one of: causal_lm, classifier"):
+        resolve_config(["recipe=nosuchrecipe"], world_size=1)

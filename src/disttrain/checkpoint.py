@@ -472,11 +472,23 @@ def load_checkpoint(path: str, engine: Engine, models: dict[str, nn.Module], cfg
     # The data order depends on the step alone; only random streams inside the models (dropout)
     # are per process and cannot be mapped to another process count.
     torch.manual_seed(cfg.seed + 1_000_003 * state["step"] + engine.rank)
+    resharded = "its FSDP2 shards are resharded to them; " if engine.name == "fsdp" else ""
+    random = any(_draws_randomly(m) for m in [*models.values(), *engine.models.values()])
+    continues = (
+        "random streams (dropout) are reseeded, so the run continues exactly only in distribution"
+        if random
+        else "the updates continue as they would have, but for float rounding (sums in another order)"
+    )
     return Restored(
         state,
         f"checkpoint {path} was written by {processes(saved_world)}, this run has {engine.world_size}: "
-        "random streams (dropout) are reseeded, so the run continues exactly only in distribution",
+        f"{resharded}{continues}",
     )
+
+
+def _draws_randomly(model: nn.Module) -> bool:
+    """Whether `model` holds a dropout layer that drops anything (its stream is per process)."""
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules())
 
 
 def _load_weights(module: torch.nn.Module, file: str, path: str) -> None:

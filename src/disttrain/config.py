@@ -344,7 +344,8 @@ def recipe_module(recipe: str) -> ModuleType:
     `RUN_DEFAULTS` (its defaults for run keys: steps, batch sizes...). Keep its top level free of
     torch imports (built-in recipes build their models in a submodule) so that --help stays fast.
     """
-    path = recipe if "." in recipe else f"{BUILTIN_RECIPES}.{recipe}"
+    # A built-in name first; any other name is a module path, a top-level module included.
+    path = f"{BUILTIN_RECIPES}.{recipe}" if "." not in recipe and recipe in builtin_recipes() else recipe
     try:
         module = importlib.import_module(path)
     except ModuleNotFoundError as e:

@@ -86,8 +86,9 @@ class Meter:
                 self.run_tokens = self.run_tokens + pair[1].detach().to("cpu", non_blocking=True)
         self.steps += 1
 
-    def report(self, groups: Sequence[OptimizerGroup], last: StepResult) -> dict[str, float]:
-        """The interval's report, then a new interval: a collective (every process calls it)."""
+    def report(self, learning_rates: dict[str, float], last: StepResult) -> dict[str, float]:
+        """The interval's report, then a new interval: a collective (every process calls it).
+        `learning_rates`: those the last step's updates used (`learning_rates`, read before it)."""
         elapsed = time.perf_counter() - self.started
         tokens = sum(float(pair[1]) for (_, term), pair in self.interval.items() if term == "tokens")
         report = self._losses(self.interval)
@@ -104,9 +105,7 @@ class Meter:
         )
         report["data_wait_s"] = wait / self.steps
         report["data_wait_share"] = wait / elapsed
-        for g in groups:
-            for group, lr in zip(g.optimizer.param_groups, g.scheduler.get_last_lr(), strict=True):
-                report.setdefault(f"lr/{group.get('name', g.name)}", lr)
+        report.update(learning_rates)
         for r in last.phases:
             report.update({f"grad_norm/{k}": float(v) for k, v in r.update.grad_norms.items()})
         self.interval, self.samples, self.steps, self.data_wait = {}, 0, 0, 0.0
@@ -157,3 +156,13 @@ class Meter:
 def format_losses(losses: dict[str, float]) -> str:
     shown = {k: v for k, v in losses.items() if k.startswith("loss") and k.count("/") <= 1}
     return ", ".join(f"{k.replace('/', ' ')} {v:.4g}" for k, v in shown.items()) or "loss n/a"
+
+
+def learning_rates(groups: Sequence[OptimizerGroup]) -> dict[str, float]:
+    """`lr/<group>` of every optimizer's parameter groups, as the next update will use them (a
+    schedule steps after its update: read after it, this is the rate of the step after)."""
+    rates: dict[str, float] = {}
+    for g in groups:
+        for group, lr in zip(g.optimizer.param_groups, g.scheduler.get_last_lr(), strict=True):
+            rates.setdefault(f"lr/{group.get('name', g.name)}", lr)
+    return rates

@@ -58,9 +58,14 @@ def _check_class(key: str, o: OptimizerConfig) -> None:
     try:
         signature.bind([], lr=o.lr, **o.kwargs)
     except TypeError as e:
+        unknown = sorted(set(o.kwargs) - set(signature.parameters))
+        if unknown and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
+            takes = ", ".join(n for n in signature.parameters if n != "params")
+            fix = f"remove {', '.join(f'{key}.kwargs.{n}' for n in unknown)} ({o.name} takes {takes})"
+        else:
+            fix = f"give the missing arguments as {key}.kwargs.<name>=<value>"
         raise ConfigError(
-            f"{key}.name={o.name} cannot be built with lr and {key}.kwargs={dict(o.kwargs)} ({e}); "
-            f"give the missing arguments as {key}.kwargs.<name>=<value>"
+            f"{key}.name={o.name} cannot be built with lr and {key}.kwargs={dict(o.kwargs)} ({e}); {fix}"
         ) from e
     accepts_decay = "weight_decay" in signature.parameters or any(
         p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 from disttrain.accumulation import OptimizerGroup
@@ -25,8 +27,16 @@ def startup_line(
     return (
         f"{cfg.recipe}: {world_size} process(es) x micro-batch {cfg.micro_batch_size} x accumulation "
         f"{accumulation} = global batch {cfg.global_batch_size}; {cfg.steps} steps ({epochs:.2f} epochs); "
-        f"peak lr {lrs}{scaling}; run directory {run_dir}"
+        f"peak lr {lrs}{scaling}; {threads_words()}; run directory {run_dir}"
     )
+
+
+def threads_words() -> str:
+    """The CPU threads each process computes with: torch takes every core by default, which
+    oversubscribes a machine where other processes run (launchers set OMP_NUM_THREADS per process)."""
+    given = os.environ.get("OMP_NUM_THREADS")
+    source = f"OMP_NUM_THREADS={given}" if given else "torch's default: every core; set OMP_NUM_THREADS to share"
+    return f"{torch.get_num_threads()} CPU thread(s) per process ({source})"
 
 
 def speed_lines(cfg: Config, checkpointed_blocks: int, run_dir: str) -> list[str]:

@@ -44,7 +44,7 @@ from disttrain.data.windows import WindowSampler
 from disttrain.data.workers import DataLoaderFailed, forked_accounts, loading
 from disttrain.engines import build_engine
 from disttrain.engines.base import Engine
-from disttrain.metrics import Meter, PhaseResult, StepResult
+from disttrain.metrics import Meter, PhaseResult, StepResult, learning_rates
 from disttrain.preemption import (
     EXIT_FAILED,
     EXIT_FINISHED,
@@ -348,6 +348,8 @@ class Trainer:
             for step in range(self.start_step, cfg.steps):
                 if cfg.debug.fail_at_step == step + 1:
                     self._rehearsed_failure(step + 1)
+                logged = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps
+                rates = learning_rates(self.groups) if logged else {}  # those this step's updates use
                 result = self._measured_step(step, batches, meter)  # train_step, FLOPs counted once
                 profiler.step()
                 self.progress.at(STEP_END)
@@ -358,8 +360,8 @@ class Trainer:
                     self._restart_cost(done)
                 meter.add(result)
                 self.bar.update(1)
-                if done % cfg.log_every == 0 or done == cfg.steps:
-                    self._log(done, meter.report(self.groups, result))
+                if logged:
+                    self._log(done, meter.report(rates, result))
                 if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
                     metrics = self.evaluate(step=done)
                     self.say(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
