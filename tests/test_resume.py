@@ -16,6 +16,7 @@ import random
 import re
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,27 +90,45 @@ def test_killed_run_resumes_bit_identically(tmp_path, case):
     resumed = launch(accelerate(launcher), *args, "run_name=killed", timeout=300)
     assert "resuming from" in resumed.stdout, resumed.stdout[-2000:]
 
-    straight, again = weights(tmp_path / "straight"), weights(tmp_path / "killed")
-    assert straight.keys() == again.keys() and straight
-    for file, tensors in straight.items():
-        for name, value in tensors.items():
-            assert torch.equal(value, again[file][name]), f"{file}:{name} differs; {when}"
+    straight = weights(tmp_path / "straight")
+    assert_same(weights(tmp_path / "killed"), straight, when)
 
-    restarts = [*accelerate(launcher)[:2], "--max_restarts", "1", *accelerate(launcher)[2:]]
     fault = RESTART_FAULTS[case]
-    restarted = launch(restarts, *args, f"output_dir={tmp_path / 'restarted'}", *fault, timeout=300)
-    (run_dir,) = (tmp_path / "restarted").iterdir()  # the restarted group found the first one's directory
-    assert "restart 1 of 1: resuming from" in restarted.stdout, restarted.stdout[-3000:]
-    assert "restart 1 of 1: step" in restarted.stdout and "after the failed attempt's last recorded" in restarted.stdout
-    status = json.loads((run_dir / "status.json").read_text())
-    assert status["state"] == "finished" and status["restarts"] == 1, status
-    for file, tensors in weights(run_dir).items():
-        for name, value in tensors.items():
-            assert torch.equal(value, straight[file][name]), f"{file}:{name} differs after {fault}"
+    run_dir = restarted(launcher, [*args, *fault], tmp_path / "restarted")
+    assert_same(weights(run_dir), straight, f"after {fault}")
     if "tracker=wandb" in fault:
         failed, continued = wandb_runs(str(run_dir))  # one file per attempt, one W&B run
         assert continued.resumed and failed.run_id == continued.run_id, (failed.run_id, continued.run_id)
         assert continued.steps("restarts") and continued.history["restarts"][continued.steps("restarts")[0]] == 1
+
+
+def restarted(launcher: str, args: list[str], output_dir) -> Path:
+    """The run directory of `args` under `accelerate launch --max_restarts 1` without a run name,
+    once its one restart finished it (checked)."""
+    restarts = [*accelerate(launcher)[:2], "--max_restarts", "1", *accelerate(launcher)[2:]]
+    result = launch(restarts, *args, f"output_dir={output_dir}", timeout=300)
+    (run_dir,) = output_dir.iterdir()  # the restarted group found the first one's directory
+    assert "restart 1 of 1: resuming from" in result.stdout, result.stdout[-3000:]
+    assert "restart 1 of 1: step" in result.stdout and "after the failed attempt's last recorded" in result.stdout
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "finished" and status["restarts"] == 1, status
+    return run_dir
+
+
+def assert_same(found: dict, expected: dict, what: str) -> None:
+    assert found.keys() == expected.keys() and expected, (found.keys(), expected.keys())
+    for file, tensors in expected.items():
+        for name, value in tensors.items():
+            assert torch.equal(found[file][name], value), f"{file}:{name} differs {what}"
+
+
+def test_a_zero2_group_restarts_bit_identically(tmp_path):
+    # ZeRO 2 beside ZeRO 3 above: its partitions of the optimizer state, whole weights on each process.
+    launcher = "configs/accelerate/deepspeed_zero2.yaml"
+    args = [*CASES["seq2seq-zero3"], *SHAPE, "checkpoint_every=2"]
+    launch(accelerate(launcher), *args, f"output_dir={tmp_path}", "run_name=straight", "checkpoint_every=0")
+    run_dir = restarted(launcher, [*args, "debug.fail_at_step=6"], tmp_path / "restarted")
+    assert_same(weights(run_dir), weights(tmp_path / "straight"), "after a process was killed at step 6")
 
 
 def test_without_restarts_the_same_failure_ends_the_job_naming_the_process(tmp_path):
@@ -161,7 +180,4 @@ def test_a_lost_node_restarts_the_group_on_the_processes_left_resharded(tmp_path
 
     checkpoint = straight_ckpts / f"step-{resumed.group(1)}"
     launch([*accelerate(), "--num_processes", "1"], *args, "run_name=by-hand", f"resume={checkpoint}")
-    by_hand = weights(tmp_path / "by-hand")
-    for file, tensors in weights(run).items():
-        for name, value in tensors.items():
-            assert torch.equal(value, by_hand[file][name]), f"{file}:{name} differs"
+    assert_same(weights(run), weights(tmp_path / "by-hand"), "from resuming the same checkpoint by hand")
