@@ -96,6 +96,9 @@ def test_killed_run_resumes_bit_identically(tmp_path, case):
     fault = RESTART_FAULTS[case]
     run_dir = restarted(launcher, [*args, *fault], tmp_path / "restarted")
     assert_same(weights(run_dir), straight, f"after {fault}")
+    if "checkpoint_async=true" in fault:  # the weights a background checkpoint holds (FSDP2: gathered by its thread)
+        written = [weights(d / "checkpoints" / "step-00000023" / "models") for d in (run_dir, tmp_path / "killed")]
+        assert_same(*written, "in the background checkpoint of step 23")
     if "tracker=wandb" in fault:
         failed, continued = wandb_runs(str(run_dir))  # one file per attempt, one W&B run
         assert continued.resumed and failed.run_id == continued.run_id, (failed.run_id, continued.run_id)

@@ -164,13 +164,13 @@ def save_checkpoint(
 @dataclass
 class Staged:
     """A checkpoint taken from the training state, not yet on disk: this process's files (each as
-    the function that makes its bytes, from a copy when training goes on meanwhile), and the
-    engine's part as the function that writes it."""
+    the function that makes its bytes, from a copy when training goes on meanwhile), and the parts
+    every process writes together: the engine's, and sharded weights gathered in the background."""
 
     run_dir: str
     step: int
     files: dict[str, Callable[[], bytes]]
-    write_engine_part: Callable[[], dict[str, str]]
+    parts: list[Callable[[], dict[str, str]]]  # what every process writes together (collectives inside)
     failure: str = ""  # why its directory could not be made (the write then fails on every process)
 
     @property
@@ -213,15 +213,35 @@ def stage_checkpoint(
     engine.wait_for_everyone()
     kept = copied_for_later if background else serialized_now
     files = {os.path.join(tmp, "rng", f"rank-{engine.rank}.pt"): kept(_rng_state(), torch_bytes)}
+    gathered_later = {}
     for name, module in models.items():
+        path = os.path.join(tmp, "models", f"{name}.safetensors")
+        later = engine.full_weights_later(module, group) if background else None
+        if later is not None:  # shards copied now, gathered by the writing thread
+            gathered_later[path] = later
+            continue
         with engine.full_weights(module):  # a collective where weights are sharded
             if main:
-                files[os.path.join(tmp, "models", f"{name}.safetensors")] = kept(module.state_dict(), weights_bytes)
+                files[path] = kept(module.state_dict(), weights_bytes)
     if main:
         files[os.path.join(tmp, "trainer.pt")] = kept(state, torch_bytes)
         files[os.path.join(tmp, "config.yaml")] = serialized_now(cfg, lambda c: to_yaml(c).encode())
-    later = engine.save_state_later(tmp, group) if background else functools.partial(engine.save_state, tmp)
-    return Staged(run_dir, step, files, later, failure)
+    # The engine's part first: DCP's own thread may be using `group` until that part has waited for it,
+    # and two threads in collectives over one group would pair each other's messages.
+    parts = [engine.save_state_later(tmp, group) if background else functools.partial(engine.save_state, tmp)]
+    if gathered_later:
+        parts.append(functools.partial(_write_gathered, gathered_later))
+    return Staged(run_dir, step, files, parts, failure)
+
+
+def _write_gathered(weights: dict[str, Callable[[], dict[str, torch.Tensor]]]) -> dict[str, str]:
+    """Full weights gathered now (a collective over the writer's group), written by the main process."""
+    digests = {}
+    for path, gather in weights.items():
+        state = gather()
+        if state:  # the main process's
+            digests[path] = write_bytes(path, weights_bytes(state))
+    return digests
 
 
 def write_staged(
@@ -242,12 +262,13 @@ def write_staged(
             digests[path] = write_bytes(path, data())
     except OSError as e:
         failure = failure or disk_error(e, tmp)
-    try:
-        # Collectives inside (DeepSpeed's own save, DCP's plan): every process takes part; a failed
-        # write is reported after them, so no process waits for one that gave up.
-        digests.update(staged.write_engine_part())
-    except OSError as e:
-        failure = failure or disk_error(e, tmp)
+    for part in staged.parts:
+        try:
+            # Collectives inside (DeepSpeed's own save, DCP's plan, gathering): every process takes
+            # part in each; a failed write is reported after them, so no process waits for one that gave up.
+            digests.update(part())
+        except OSError as e:
+            failure = failure or disk_error(e, tmp)
     failures = gather(failure)  # also the barrier before publishing
     if any(failures):
         rank, reason = next((r, f) for r, f in enumerate(failures) if f)

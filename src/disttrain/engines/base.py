@@ -163,6 +163,13 @@ class Engine(ABC):
         """Inside the block, `module`'s parameters are whole on every process (a collective)."""
         return contextlib.nullcontext()
 
+    def full_weights_later(self, module: nn.Module, group: Any) -> Callable[[], dict[str, torch.Tensor]] | None:
+        """For a background checkpoint: copy what this process holds of `module` now and return the
+        function that makes its full state from the copies, on the main process, over `group`
+        (every process calls it); None where the weights are best gathered in the step (whole on
+        every process already, or no cheaper way)."""
+        return None
+
     def input_gradient_forward(self, module: nn.Module) -> Callable[..., Any]:
         """`module`'s forward for a loss on the gradient of its output with respect to its input (R1,
         a gradient penalty): a second backward runs through that gradient. The module itself, where

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, Partial
+from torch.distributed.tensor import DTensor, Partial, Shard
 
 from disttrain.accumulation import OptimizerGroup, UpdateResult, WindowResult
 from disttrain.config import Config, ConfigError
@@ -241,6 +241,38 @@ class FSDPEngine(Engine):
                 seen[id(value)] = whole.detach().cpu() if self.is_main_process else whole.new_empty(0)
             full[key] = seen[id(value)]
         return full if self.is_main_process else {}
+
+    def full_weights_later(self, module: nn.Module, group: Any) -> Callable[[], dict[str, torch.Tensor]] | None:
+        """A copy of this process's shards now; the function returned gathers them to the main process
+        over `group` (a collective: every process calls it) and returns the full tensors there (empty
+        elsewhere), shared names kept one tensor. None where the shards are not row blocks of one
+        mesh dimension (HSDP): those are gathered in the step."""
+        shards: dict[str, torch.Tensor] = {}
+        sharded: set[str] = set()
+        aliases: dict[str, str] = {}
+        first: dict[int, str] = {}
+        for key, value in module.state_dict(keep_vars=True).items():  # keep_vars: one object per tie
+            if id(value) in first:
+                aliases[key] = first[id(value)]
+                continue
+            first[id(value)] = key
+            if isinstance(value, DTensor):
+                if tuple(value.placements) != (Shard(0),):
+                    return None
+                sharded.add(key)
+                value = value.to_local()
+            shards[key] = value.detach().clone()
+
+        def gather() -> dict[str, torch.Tensor]:
+            every = gather_over(group, to_main=True)(shards)
+            if not self.is_main_process:
+                return {}
+            # A Shard(0) DTensor splits its rows as torch.chunk does: in rank order they are the whole.
+            full = {k: torch.cat([part[k] for part in every]) if k in sharded else v for k, v in shards.items()}
+            full.update({alias: full[kept] for alias, kept in aliases.items()})
+            return full
+
+        return gather
 
     def evaluation_share(self, models: dict[str, nn.Module]) -> tuple[int, int]:
         # A sharded module gathers its parameters in every forward, a collective: every process must run

@@ -64,13 +64,18 @@ def side_group(timeout_s: int) -> Any:
     return torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
 
 
-def gather_over(group: Any) -> Callable[[Any], list[Any]]:
-    """Every process's value, in rank order, gathered over `group` (None: this process's alone)."""
+def gather_over(group: Any, to_main: bool = False) -> Callable[[Any], list[Any]]:
+    """Every process's value, in rank order, gathered over `group` (None: this process's alone), on
+    every process; with `to_main`, on the main process only (the others get an empty list)."""
 
     def gather(value: Any) -> list[Any]:
         if group is None:
             return [value]
         out: list[Any] = [None] * torch.distributed.get_world_size(group)
+        if to_main:
+            main = torch.distributed.get_rank() == 0
+            torch.distributed.gather_object(value, out if main else None, dst=0, group=group)
+            return out if main else []
         torch.distributed.all_gather_object(out, value, group=group)
         return out
 
