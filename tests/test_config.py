@@ -404,3 +404,15 @@ def test_the_start_up_line_names_the_cpu_threads_and_where_their_count_comes_fro
     assert threads_words() == f"{torch.get_num_threads()} CPU thread(s) per process (OMP_NUM_THREADS=1)"
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert "torch's default: every core; set OMP_NUM_THREADS to share" in threads_words()
+
+
+def test_an_empty_mapping_on_the_command_line_empties_what_a_file_set(tmp_path):
+    # A merge adds keys and never removes one: without the rule, kwargs={} kept the file's amsgrad,
+    # which SGD then refused at its first step.
+    (tmp_path / "run.yaml").write_text(
+        "recipe: classifier\nclassifier:\n  optimizer:\n    kwargs:\n      amsgrad: true\n"
+    )
+    config = f"config={tmp_path / 'run.yaml'}"
+    assert dict(resolve_config([config], world_size=1).classifier.optimizer.kwargs) == {"amsgrad": True}
+    emptied = resolve_config([config, "classifier.optimizer.name=sgd", "classifier.optimizer.kwargs={}"], world_size=1)
+    assert emptied.classifier.optimizer.name == "sgd" and dict(emptied.classifier.optimizer.kwargs) == {}

@@ -557,6 +557,7 @@ def load_config(argv: list[str], world_size: int | None = None) -> Config:
             for key in booleans:
                 OmegaConf.update(file_cfg, key, written[key])
         layers.append((file_cfg, config_path))
+    emptied: list[str] = []
     for item in overrides:
         key, value = item.split("=", 1)
         _check_known(cls, [key], "on the command line")
@@ -567,12 +568,16 @@ def load_config(argv: list[str], world_size: int | None = None) -> Config:
         if key in string_keys and isinstance(OmegaConf.select(layer, key), bool):
             OmegaConf.update(layer, key, value)
         layers.append((layer, "the command line"))
+        if value.strip() == "{}":  # a merge adds keys and never removes one: `key={}` empties it
+            emptied.append(key)
     for layer, origin in layers:
         try:
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as e:
             key = getattr(e, "full_key", None) or "?"
             raise ConfigError(f"{key}: {_first_line(e)} (from {origin})") from e
+    for key in emptied:
+        OmegaConf.update(merged, key, {}, merge=False)
     for key, value in flat_items(OmegaConf.to_container(merged)).items():
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{key}={value} must be a finite number")
