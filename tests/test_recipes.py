@@ -117,3 +117,28 @@ def test_gan_scores_coverage_and_quality(dataset, modes):
     assert score_samples(collapsed, dataset)[0] == 1
     between = (mode_centers(dataset)[:1] + mode_centers(dataset)[1:2]) / 2 + torch.zeros(5000, 2)
     assert score_samples(between, dataset) == (0, 0.0)
+
+
+def test_exported_classifier_weights_load_into_its_model_file_without_the_template(tmp_path):
+    """The recipe layout the README shows: the model in a torch-only file, copied beside inference code."""
+    import os
+    import subprocess
+    import sys
+
+    args = ["recipe=classifier", "steps=2", "tracker=none", "progress_bar=false", f"output_dir={tmp_path}"]
+    trainer = Trainer(resolve_config([*args, "run_name=run", "classifier.hidden=12"], world_size=1))
+    trainer.fit()
+    model_file = os.path.join(os.path.dirname(build_recipe.__code__.co_filename), "recipes", "classifier", "model.py")
+    c = trainer.cfg.recipe_config
+    script = f"""
+import importlib.util, sys
+sys.modules["disttrain"] = None  # importing the template now fails
+spec = importlib.util.spec_from_file_location("model", {model_file!r})
+model = importlib.util.module_from_spec(spec); spec.loader.exec_module(model)
+from safetensors.torch import load_file
+net = model.make_mlp({c.num_features}, {c.hidden}, {c.depth}, {c.num_classes}, {c.batchnorm})
+net.load_state_dict(load_file({str(tmp_path / "run" / "model.safetensors")!r}), strict=True)
+print("loaded", sum(p.numel() for p in net.parameters()))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("loaded"), done.stdout + done.stderr

@@ -1,4 +1,4 @@
-"""The classifier's model, data, loss and evaluation (its keys and defaults are in __init__.py)."""
+"""The classifier's data, loss and evaluation (its model in model.py, torch alone; its keys in __init__.py)."""
 
 from __future__ import annotations
 
@@ -13,19 +13,7 @@ from disttrain.optim import build_group
 from disttrain.recipe import Recipe
 
 from . import Config as ClassifierConfig
-
-
-def make_mlp(c: ClassifierConfig) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    width = c.num_features
-    for _ in range(c.depth):
-        layers.append(nn.Linear(width, c.hidden))
-        if c.batchnorm:
-            layers.append(nn.BatchNorm1d(c.hidden))
-        layers.append(nn.GELU())
-        width = c.hidden
-    layers.append(nn.Linear(width, c.num_classes))
-    return nn.Sequential(*layers)
+from .model import make_mlp
 
 
 def make_task(c: ClassifierConfig, count: int, seed: int, split: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,7 +29,7 @@ class ClassifierRecipe(Recipe):
         self.target_accuracy = c.target_accuracy
         self.train_x, self.train_y = make_task(c, c.num_train, cfg.seed, split=0)
         self.eval_x, self.eval_y = make_task(c, c.num_eval, cfg.seed, split=1)
-        model = make_mlp(c)
+        model = make_mlp(c.num_features, c.hidden, c.depth, c.num_classes, c.batchnorm)
         group = build_group("model", model.parameters(), c.optimizer, cfg.steps, lr_multiplier(cfg))
         super().__init__({"model": model}, [group])
 
